@@ -1,0 +1,259 @@
+"""The configuration schema: every key, its default, and `validate()`.
+
+Every key the pipeline reads is declared here once, with its default and a one-line comment.
+Config files in `configs/` start from `base_config()` and change what they need; the code
+never calls `config.get(key, default)`, so this file is the whole schema. `validate()` runs
+before anything is compiled and names the offending key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+DATASETS = ('fashion_mnist', 'rotten_tomatoes', 'image_folder', 'csv_text', 'tfds', 'synthetic')
+MODELS = ('mlp', 'cnn', 'cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small', 'lstm')
+OPTIMIZERS = (
+    'adabelief', 'adafactor', 'adagrad', 'adam', 'adamw', 'dpsgd', 'fromage', 'lamb', 'lars',
+    'noisy_sgd', 'optimistic_gradient_descent', 'radam', 'rmsprop', 'sgd', 'sm3', 'yogi')
+SCHEDULES = ('constant', 'warmup_cosine', 'piecewise')
+DTYPES = ('float32', 'bfloat16')
+PARALLELISM = ('jit', 'pmap')
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full schema with defaults; config files override a few keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, dropout, data order and augmentation.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'fashion_mnist'  # One of DATASETS.
+  c.data.path = FASHION_MNIST_DIR  # IDX dir, image folder root or CSV file, by data.name.
+  c.data.eval_path = ''  # image_folder/csv_text: separate eval folder/file ('' = split path).
+  c.data.tfds_name = ''  # tfds: dataset name, e.g. 'cifar10' or 'imdb_reviews'.
+  c.data.tfds_data_dir = ''  # tfds: data_dir ('' = TFDS default; a gs:// path works on TPU).
+  c.data.train_split = 'train'  # tfds/rotten_tomatoes: split to train on.
+  c.data.eval_split = 'test'  # tfds/rotten_tomatoes: split evaluated (validation or test).
+  c.data.validation_fraction = 0.1  # Share held out for validation where no split exists.
+  c.data.test_fraction = 0.1  # rotten_tomatoes/csv_text: share held out as the test split.
+  c.data.num_classes = 10  # Number of labels; must match the dataset.
+  c.data.image_size = 0  # Resize images to this square size (0 = keep native size).
+  c.data.channels = 1  # Image channels after decoding: 1 (gray) or 3 (RGB).
+  c.data.label_pattern = ''  # image_folder: regex whose group 1 is the label in a filename.
+  c.data.label_names = ()  # Label strings in id order ('' tuple = sorted names found).
+  c.data.text_column = 'text'  # csv_text: column holding the text.
+  c.data.label_column = 'label'  # csv_text: column holding the label string.
+  c.data.on_bad_record = 'error'  # 'error' stops naming the record; 'skip' skips and counts.
+  c.data.random_crop_pad = 0  # Train augmentation: pad by this many pixels, random crop back.
+  c.data.random_flip = False  # Train augmentation: random horizontal flip.
+  c.data.normalize = True  # Scale to [0,1] then subtract the dataset mean, divide by std.
+  c.data.vocab_size = 20000  # Text: vocabulary size including the pad and OOV ids.
+  c.data.max_len = 64  # Text: pad or truncate every sequence to this many tokens.
+  c.data.remove_stopwords = False  # Text: drop English stop words before counting tokens.
+  c.data.synthetic_train_size = 4096  # synthetic: number of training examples.
+  c.data.synthetic_eval_size = 1024  # synthetic: number of eval examples.
+  c.data.synthetic_shape = (28, 28, 1)  # synthetic: shape of one input.
+  c.data.num_workers = 0  # grain worker processes (0 = read in the main process).
+  c.data.prefetch_threads = 2  # grain read threads feeding the batcher in the main process.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cnn'  # One of MODELS.
+  c.model.dtype = 'float32'  # Compute dtype, one of DTYPES; parameters stay float32.
+  c.model.width = 64  # ResNet: channels of the first stage (64 for the standard nets).
+  c.model.stage_sizes = (1, 1, 1)  # resnet_small: residual blocks per stage.
+  c.model.stem = 'small'  # ResNet stem: 'small' (3x3 conv) or 'imagenet' (7x7/2 + max-pool).
+  c.model.dropout_rate = 0.5  # cnn_bn: dropout before the classifier.
+  c.model.hidden_size = 256  # mlp/cnn: width of the dense hidden layer.
+  c.model.embed_dim = 128  # lstm: embedding size.
+  c.model.lstm_sizes = (128,)  # lstm: hidden size of each stacked LSTM layer.
+  c.model.lstm_dense_size = 0  # lstm: dense+relu between stacked layers (0 = none).
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'  # One of OPTIMIZERS.
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  c.optimizer.schedule = 'warmup_cosine'  # One of SCHEDULES.
+  c.optimizer.warmup_steps = 100  # warmup_cosine: linear warmup steps from 0.
+  c.optimizer.end_lr_fraction = 0.0  # warmup_cosine: final lr as a fraction of the peak.
+  c.optimizer.boundaries = ()  # piecewise: steps at which the lr is multiplied ...
+  c.optimizer.scales = ()  # ... by these factors (same length as boundaries).
+  c.optimizer.weight_decay = 0.0  # Decoupled weight decay on kernels (not biases/norm scales).
+  c.optimizer.momentum = 0.9  # sgd/lars/rmsprop/noisy_sgd momentum (0 = none).
+  c.optimizer.nesterov = False  # sgd: Nesterov momentum.
+  c.optimizer.b1 = 0.9  # Adam-family first moment decay.
+  c.optimizer.b2 = 0.999  # Adam-family second moment decay.
+  c.optimizer.eps = 1e-8  # Adam-family epsilon.
+  c.optimizer.clip_grad_norm = 0.0  # Clip gradients to this global norm (0 = off).
+  c.optimizer.grad_accum_steps = 1  # Accumulate this many micro-batches per update.
+  c.optimizer.label_smoothing = 0.0  # Softmax cross-entropy label smoothing.
+  c.optimizer.dp_l2_clip = 1.0  # dpsgd: per-example gradient clipping norm.
+  c.optimizer.dp_noise_multiplier = 1.1  # dpsgd: noise stddev / clip norm.
+  c.optimizer.noise_eta = 0.01  # noisy_sgd: noise variance scale.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 128  # Examples per step over all processes and devices.
+  c.train.num_epochs = 0.0  # Train this many epochs (0 = use num_steps); converted once.
+  c.train.num_steps = 1000  # Train steps when num_epochs is 0.
+  c.train.log_every_steps = 50  # Write train metrics every this many steps.
+  c.train.eval_every_steps = 500  # Full evaluation every this many steps (and at the end).
+  c.train.max_steps_in_flight = 4  # Steps dispatched ahead of the host (bounds the queue).
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 500  # Global eval batch; the last batch is padded and masked.
+  c.eval.checkpoint_step = -1  # evaluate mode: step to restore (-1 = best, else newest).
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices on the data axis (-1 = the rest).
+  c.mesh.fsdp = 1  # Devices on the fsdp axis (-1 = the rest).
+  c.parallelism = 'jit'  # One of PARALLELISM: jit over a Mesh, or the pmap fallback.
+  c.fsdp = False  # Shard params and optimizer state over the fsdp axis.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # Save every this many steps (and at the end).
+  c.checkpoint.max_to_keep = 3  # Newest checkpoints kept.
+  c.checkpoint.best_metric = 'eval/accuracy'  # Metric that picks the best checkpoint.
+  c.checkpoint.best_mode = 'max'  # 'max' or 'min' for best_metric.
+  c.checkpoint.async_save = True  # Save in the background while training goes on.
+  c.checkpoint.allow_config_change = False  # Resume even if non-allow-listed keys changed.
+
+  c.init_from = ''  # Checkpoint dir whose params initialize this run ('' = fresh init).
+  c.init_from_step = -1  # Step of init_from to load (-1 = newest).
+  c.init_prefixes = ()  # Param path prefixes taken from init_from (empty = all that fit).
+  c.freeze = ()  # Param path prefixes that get zero updates (e.g. the backbone).
+
+  c.debug_nans = False  # Turn on jax_debug_nans (slow; finds the op that makes a NaN).
+  c.enable_x64 = False  # Turn on 64-bit types.
+  return c
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+  raise ValueError(f'config.{key}={value!r} is invalid: {expected}.')
+
+
+def _check_choice(config, key: str, allowed: Sequence[str]) -> None:
+  value = _lookup(config, key)
+  if value not in allowed:
+    _fail(key, value, f'allowed values are {", ".join(allowed)}')
+
+
+def _lookup(config, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _check_positive(config, *keys: str) -> None:
+  for key in keys:
+    value = _lookup(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      _fail(key, value, f'expected a number, got {type(value).__name__}')
+    if value <= 0:
+      _fail(key, value, 'must be > 0')
+
+
+def _check_types(config, reference, prefix: str = '') -> None:
+  """Config files may assign whole values; catch a wrong type the schema would reject."""
+  for key, default in reference.items():
+    value = config[key]
+    name = f'{prefix}{key}'
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_types(value, default, name + '.')
+    elif isinstance(default, bool):
+      if not isinstance(value, bool):
+        _fail(name, value, 'expected a bool')
+    elif isinstance(default, float):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, 'expected a number')
+    elif isinstance(default, int):
+      if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, 'expected an int')
+    elif isinstance(default, str):
+      if not isinstance(value, str):
+        _fail(name, value, 'expected a string')
+    elif isinstance(default, tuple):
+      if not isinstance(value, (tuple, list)):
+        _fail(name, value, 'expected a tuple')
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+  """Resolves (data, fsdp) with -1 meaning 'the rest'; raises naming the mesh keys."""
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  for key, size in (('mesh.data', data), ('mesh.fsdp', fsdp)):
+    if size == 0 or size < -1:
+      _fail(key, size, 'must be a positive size or -1 (the rest)')
+  if data == -1 and fsdp == -1:
+    _fail('mesh', (data, fsdp), 'at most one of mesh.data and mesh.fsdp may be -1')
+  if data == -1:
+    data = num_devices // fsdp if num_devices % fsdp == 0 else 0
+  if fsdp == -1:
+    fsdp = num_devices // data if num_devices % data == 0 else 0
+  if data * fsdp != num_devices:
+    _fail('mesh', (config.mesh.data, config.mesh.fsdp),
+          f'mesh.data x mesh.fsdp must multiply to the {num_devices} devices')
+  return data, fsdp
+
+
+def validate(config, *, num_devices: int, num_processes: int) -> None:
+  """Fails fast, naming the key and what is allowed, before anything is compiled."""
+  _check_types(config, base_config())
+  _check_choice(config, 'data.name', DATASETS)
+  _check_choice(config, 'model.name', MODELS)
+  _check_choice(config, 'model.dtype', DTYPES)
+  _check_choice(config, 'model.stem', ('small', 'imagenet'))
+  _check_choice(config, 'optimizer.name', OPTIMIZERS)
+  _check_choice(config, 'optimizer.schedule', SCHEDULES)
+  _check_choice(config, 'parallelism', PARALLELISM)
+  _check_choice(config, 'checkpoint.best_mode', ('max', 'min'))
+  _check_choice(config, 'data.on_bad_record', ('error', 'skip'))
+  _check_choice(config, 'data.channels', (1, 3))
+  _check_positive(
+      config, 'data.num_classes', 'train.global_batch_size', 'train.log_every_steps',
+      'train.eval_every_steps', 'train.max_steps_in_flight', 'eval.batch_size',
+      'checkpoint.every_steps', 'checkpoint.max_to_keep', 'optimizer.learning_rate',
+      'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
+      'model.hidden_size', 'model.embed_dim')
+  if config.train.num_epochs < 0:
+    _fail('train.num_epochs', config.train.num_epochs, 'must be >= 0 (0 = use num_steps)')
+  if config.train.num_epochs == 0:
+    _check_positive(config, 'train.num_steps')
+  if len(config.optimizer.boundaries) != len(config.optimizer.scales):
+    _fail('optimizer.scales', config.optimizer.scales,
+          f'needs one scale per boundary {tuple(config.optimizer.boundaries)}')
+  if not all(s > 0 for s in config.model.lstm_sizes) or not config.model.lstm_sizes:
+    _fail('model.lstm_sizes', config.model.lstm_sizes, 'expected one or more positive sizes')
+
+  data_par, fsdp = mesh_shape(config, num_devices)
+  batch_axes = data_par * fsdp  # Batches are sharded over both mesh axes.
+  for key in ('train.global_batch_size', 'eval.batch_size'):
+    value = _lookup(config, key)
+    if value % num_processes:
+      _fail(key, value, f'must be divisible by the {num_processes} processes')
+    if value % batch_axes:
+      _fail(key, value, f'must be divisible by the {batch_axes} data-parallel devices')
+  micro = config.train.global_batch_size // config.optimizer.grad_accum_steps
+  if config.train.global_batch_size % config.optimizer.grad_accum_steps or micro % batch_axes:
+    _fail('optimizer.grad_accum_steps', config.optimizer.grad_accum_steps,
+          f'global batch {config.train.global_batch_size} must split into that many micro-'
+          f'batches, each divisible by the {batch_axes} data-parallel devices')
+
+  name = config.data.name
+  if name == 'fashion_mnist':
+    _check_path(config, 'data.path', directory=True,
+                hint='install it with: apt-get install dataset-fashion-mnist')
+  elif name in ('image_folder', 'csv_text'):
+    _check_path(config, 'data.path', directory=name == 'image_folder')
+    if config.data.eval_path:
+      _check_path(config, 'data.eval_path', directory=name == 'image_folder')
+  elif name == 'tfds' and not config.data.tfds_name:
+    _fail('data.tfds_name', '', 'name the TFDS dataset, e.g. cifar10')
+
+
+def _check_path(config, key: str, *, directory: bool, hint: str = '') -> None:
+  path = _lookup(config, key)
+  exists = os.path.isdir(path) if directory else os.path.isfile(path)
+  if not path or not exists:
+    kind = 'directory' if directory else 'file'
+    _fail(key, path, f'no such {kind}' + (f'; {hint}' if hint else ''))
