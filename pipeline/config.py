@@ -98,11 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 1000  # Train steps when num_epochs is 0.
   c.train.log_every_steps = 50  # Write train metrics every this many steps.
   c.train.eval_every_steps = 500  # Full evaluation every this many steps (and at the end).
-  c.train.max_steps_in_flight = 4  # Steps dispatched ahead of the host (bounds the queue).
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 500  # Global eval batch; the last batch is padded and masked.
+  c.eval.batch_size = 1000  # Global eval batch; the last batch is padded and masked.
   c.eval.checkpoint_step = -1  # evaluate mode: step to restore (-1 = best, else newest).
+  c.eval.final_split = ''  # Also score the model chosen on the eval split on this split.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data axis (-1 = the rest).
@@ -211,7 +211,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
   _check_choice(config, 'data.channels', (1, 3))
   _check_positive(
       config, 'data.num_classes', 'train.global_batch_size', 'train.log_every_steps',
-      'train.eval_every_steps', 'train.max_steps_in_flight', 'eval.batch_size',
+      'train.eval_every_steps', 'eval.batch_size',
       'checkpoint.every_steps', 'checkpoint.max_to_keep', 'optimizer.learning_rate',
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
       'model.hidden_size', 'model.embed_dim')

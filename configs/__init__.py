@@ -1,0 +1,1 @@
+"""Config files: one get_config() each; see each docstring for command, hardware, time."""

@@ -1,0 +1,167 @@
+"""Orbax checkpoints: async saves, keep newest N plus the best, exact and elastic resume.
+
+One checkpoint step holds everything needed to continue: the train state (params,
+optimizer state, BatchNorm statistics, step, rng), the data iterator state, and metadata
+(the config as JSON, the topology it was saved on, the text vocabulary if any). Orbax
+writes each step into a temporary directory and renames it on commit, so a step that was
+interrupted mid-write is never listed, never restored. Nothing here loads a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Keys that may change between a run and its resume without --config.checkpoint.
+# allow_config_change: durations, cadences, logging, and the topology (elastic resume).
+RESUMABLE_KEYS = (
+    'train.num_steps', 'train.num_epochs', 'train.log_every_steps', 'train.eval_every_steps',
+    'checkpoint.every_steps', 'checkpoint.max_to_keep', 'checkpoint.async_save',
+    'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',
+    'mesh.data', 'mesh.fsdp', 'parallelism', 'fsdp', 'data.num_workers',
+    'data.prefetch_threads', 'debug_nans', 'data.path', 'data.eval_path',
+    'data.tfds_data_dir')
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or a resume that would silently change the run."""
+
+
+def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json())
+
+
+def check_config_change(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+  """Raises listing every changed key outside RESUMABLE_KEYS, unless allowed."""
+  old, new = _flatten(saved), _flatten(config_to_dict(config))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+  if changed and not config.checkpoint.allow_config_change:
+    lines = '\n'.join(f'  {k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed)
+    raise CheckpointError(
+        f'The config differs from the checkpoint in keys that change the run:\n{lines}\n'
+        'Resume with the saved values, use a new --workdir, or pass '
+        '--config.checkpoint.allow_config_change=True to continue deliberately.')
+
+
+class Checkpointer:
+  """The run's CheckpointManager in WORKDIR/checkpoints."""
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    self.config = config
+    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    best_metric = config.checkpoint.best_metric
+    preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=config.checkpoint.max_to_keep),
+        ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: metrics[best_metric],
+            reverse=config.checkpoint.best_mode == 'min', n=1,
+            keep_checkpoints_without_metrics=False),
+    ])
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=preservation, best_fn=lambda m: m[best_metric],
+            best_mode=config.checkpoint.best_mode,
+            enable_async_checkpointing=config.checkpoint.async_save,
+            cleanup_tmp_directories=True, create=True),
+        item_names=('state', 'data', 'meta'))
+    self._in_flight_step = None
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts an async save; an error of the previous save surfaces here, naming its step."""
+    self._check_previous()
+    meta = {**meta, 'step': step, 'config': config_to_dict(self.config),
+            'topology': {'process_count': jax.process_count(),
+                         'device_count': jax.device_count()}}
+    self.manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+    self._in_flight_step = step
+
+  def _check_previous(self) -> None:
+    step, self._in_flight_step = self._in_flight_step, None
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
+                            f'{e}') from e
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the in-flight save is committed; raises naming its step if it failed."""
+    step = self._in_flight_step
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
+                            f'{e}') from e
+    self._check_previous()
+
+  def close(self) -> None:
+    self.wait_until_finished()
+    self.manager.close()
+
+  def restore(self, abstract_state: Any, step: int | None = None,
+              ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """Restores `step` (default: the newest usable) onto `abstract_state`'s shardings.
+
+    The saved config is compared with ours before any array is read. A step whose files
+    are truncated or corrupt is skipped with a warning naming it and the next older
+    committed step is tried. Returns None when there is no checkpoint at all.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f'No checkpoint step {step} in {self.directory}; '
+                              f'committed steps: {sorted(steps)}.')
+      steps = [step]
+    if not steps:
+      return None
+    errors = []
+    for candidate in steps:
+      try:
+        meta = self.manager.restore(
+            candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        check_config_change(meta['config'], self.config)
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); falling back to '
+                        'the previous committed step.', candidate, self.directory,
+                        type(e).__name__, str(e)[:300])
+        errors.append(f'step {candidate}: {type(e).__name__}: {str(e)[:200]}')
+        continue
+      logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
+      return restored['state'], restored['data'], meta
+    raise CheckpointError(f'No usable checkpoint in {self.directory}:\n  '
+                          + '\n  '.join(errors))
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()

@@ -1,0 +1,101 @@
+"""Where arrays live: the device Mesh, state and batch shardings, and compiled steps.
+
+This module alone knows the parallel mode. The loop asks it to create the state, to turn a
+per-process numpy batch into device arrays and to compile the step functions, and gets the
+same interface under `jit` (global arrays over a `jax.sharding.Mesh`) and `pmap` (the
+Flax-examples pattern: replicated state, a leading device axis on batches).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pipeline import config as config_lib
+
+BATCH_AXES = ('data', 'fsdp')  # Batches are split over both axes: fsdp is data parallel too.
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """A (data, fsdp) Mesh over all devices, sized from config (-1 = the rest)."""
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.mesh_shape(config, len(devices))
+  # Mesh(...) rather than jax.make_mesh: the latter defaults to explicit axis types.
+  return Mesh(np.asarray(devices).reshape(shape), BATCH_AXES)
+
+
+def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+  """Shards the largest dimension divisible by the fsdp size; replicates the rest."""
+  if fsdp_size == 1:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0 and shape[dim] >= fsdp_size:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+class Parallel:
+  """jit over a Mesh: global arrays, explicit shardings, donated state."""
+
+  def __init__(self, config, devices=None):
+    self.mesh = make_mesh(config, devices)
+    self.fsdp = config.fsdp
+    self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.replicated = NamedSharding(self.mesh, P())
+
+  def describe(self) -> str:
+    return f'jit mesh {dict(self.mesh.shape)} fsdp={self.fsdp}'
+
+  def state_shardings(self, abstract_state: Any) -> Any:
+    fsdp_size = self.mesh.shape['fsdp'] if self.fsdp else 1
+    return jax.tree.map(
+        lambda x: NamedSharding(self.mesh, _fsdp_spec(x.shape, fsdp_size)), abstract_state)
+
+  def abstract_state(self, init_fn: Callable[[], Any]) -> Any:
+    """Shapes, dtypes and target shardings of the state, computed without any FLOPs."""
+    shapes = jax.eval_shape(init_fn)
+    shardings = self.state_shardings(shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+  def init_state(self, init_fn: Callable[[], Any]) -> Any:
+    """Runs `init_fn` under jit so every leaf is created already sharded."""
+    shardings = self.state_shardings(jax.eval_shape(init_fn))
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's share of the global batch -> global arrays sharded over the mesh."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def compile_train_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+
+  def compile_eval_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=self.replicated)
+
+  def unreplicate_metrics(self, metrics: Any) -> Any:
+    """Device metrics -> host numpy (an explicit transfer, allowed under the guard)."""
+    return jax.device_get(metrics)
+
+  def state_for_saving(self, state: Any) -> Any:
+    return state
+
+
+def make_parallel(config, devices=None) -> Parallel:
+  if config.parallelism == 'jit':
+    return Parallel(config, devices)
+  raise NotImplementedError(
+      f'config.parallelism={config.parallelism!r}: the pmap fallback is not built yet; '
+      'use parallelism="jit".')

@@ -1,0 +1,175 @@
+"""Train, eval and predict steps: pure functions of (state, batch), no I/O.
+
+`sharding.py` compiles them (jit over a Mesh, or pmap); they only learn the name of the
+device axis (`axis_name`), which is None under jit, where arrays are global and XLA inserts
+the collectives itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from clu import metrics as clu_metrics
+import flax
+from flax import linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus BatchNorm statistics and the base rng of the run."""
+  batch_stats: Any = None
+  rng: jax.Array | None = None  # Raw uint32 key data, so checkpoints hold plain arrays.
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output('loss')
+  accuracy: clu_metrics.Average.from_output('correct')
+  learning_rate: clu_metrics.LastValue.from_output('learning_rate')
+  grad_norm: clu_metrics.Average.from_output('grad_norm')
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output('loss')
+  accuracy: clu_metrics.Average.from_output('correct')
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
+               input_dtype: Any, seed: int) -> TrainState:
+  """Initializes params and statistics; called under jit so the result is born sharded."""
+  rng = jax.random.PRNGKey(seed)
+  params_rng, dropout_rng, rng = jax.random.split(rng, 3)
+  example = jnp.zeros((1, *input_shape), input_dtype)
+  variables = model.init({'params': params_rng, 'dropout': dropout_rng}, example, train=False)
+  return TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=tx,
+      batch_stats=variables.get('batch_stats', {}), rng=rng)
+
+
+def _pmean(tree, axis_name: str | None):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+      if label_smoothing else jax.nn.one_hot(labels, num_classes)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _forward(state: TrainState, params, batch_stats, inputs, labels, dropout_rng,
+             num_classes: int, label_smoothing: float):
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  logits, updates = state.apply_fn(variables, inputs, train=True,
+                                   rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+  losses = cross_entropy(logits, labels, num_classes, label_smoothing)
+  new_stats = updates['batch_stats'] if batch_stats else batch_stats
+  return losses.mean(), (losses, logits, new_stats)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int,
+               learning_rate_fn: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
+               grad_accum_steps: int = 1, per_example_grads: bool = False,
+               axis_name: str | None = None) -> tuple[TrainState, TrainMetrics]:
+  """One optimizer update on `batch`, split into `grad_accum_steps` micro-batches.
+
+  Args:
+    state: the current state (donated by the caller).
+    batch: {'input': [B, ...], 'label': [B]}.
+    num_classes: size of the classifier output.
+    learning_rate_fn: the optimizer's schedule, only for reporting.
+    label_smoothing: softmax cross-entropy label smoothing.
+    grad_accum_steps: micro-batches whose mean gradient makes one update.
+    per_example_grads: hand the optimizer [B, ...] gradients (DP-SGD clips each one).
+    axis_name: the pmap axis to average over; None under jit.
+
+  Returns:
+    The new state and this step's metrics.
+  """
+  # Folding the step into the run's key makes dropout a function of the step alone, so
+  # a resumed run draws the same masks as an uninterrupted one.
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+  inputs, labels = batch['input'], batch['label']
+
+  def grads_of(micro_inputs, micro_labels, batch_stats, rng):
+    if per_example_grads:
+      def one(x, y):
+        loss_fn = lambda p: _forward(state, p, batch_stats, x[None], y[None], rng,
+                                     num_classes, label_smoothing)
+        return jax.grad(loss_fn, has_aux=True)(state.params)
+      grads, (losses, logits, stats) = jax.vmap(one)(micro_inputs, micro_labels)
+      return grads, losses.reshape(-1), logits.reshape(-1, logits.shape[-1]), \
+          jax.tree.map(lambda s: s.mean(0), stats)
+    loss_fn = lambda p: _forward(state, p, batch_stats, micro_inputs, micro_labels, rng,
+                                 num_classes, label_smoothing)
+    grads, (losses, logits, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return grads, losses, logits, stats
+
+  if grad_accum_steps == 1:
+    grads, losses, logits, batch_stats = grads_of(inputs, labels, state.batch_stats, step_rng)
+  else:
+    # Micro-batch j takes every k-th example, so each one stays spread over all devices.
+    k = grad_accum_steps
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    def accumulate(carry, micro):
+      grad_sum, stats = carry
+      index, (x, y) = micro
+      grads, losses, logits, stats = grads_of(x, y, stats, jax.random.fold_in(step_rng, index))
+      return (jax.tree.map(jnp.add, grad_sum, grads), stats), (losses, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if per_example_grads:
+      zeros = jax.tree.map(lambda z: jnp.zeros((inputs.shape[0] // k, *z.shape), z.dtype),
+                           state.params)
+    (grad_sum, batch_stats), (losses, logits) = jax.lax.scan(
+        accumulate, (zeros, state.batch_stats), (jnp.arange(k), (split(inputs), split(labels))))
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    losses, logits = losses.reshape(-1), logits.reshape(-1, logits.shape[-1])
+    labels = split(labels).reshape(-1)
+
+  grads = _pmean(grads, axis_name)
+  batch_stats = _pmean(batch_stats, axis_name)
+  mean_grads = jax.tree.map(lambda g: g.mean(0), grads) if per_example_grads else grads
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = _collect(TrainMetrics, axis_name, loss=losses, correct=logits.argmax(-1) == labels,
+                     learning_rate=learning_rate_fn(state.step),
+                     grad_norm=optax.global_norm(mean_grads))
+  return new_state, metrics
+
+
+def _collect(collection, axis_name: str | None, **outputs):
+  """Metrics over the whole global batch: under pmap they are gathered across devices."""
+  if axis_name is None:
+    return collection.single_from_model_output(**outputs)
+  return collection.gather_from_model_output(axis_name=axis_name, **outputs)
+
+
+def _eval_logits(state: TrainState, inputs: jax.Array) -> jax.Array:
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return state.apply_fn(variables, inputs, train=False).astype(jnp.float32)
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int,
+              axis_name: str | None = None) -> EvalMetrics:
+  """Loss and accuracy on `batch`; examples whose `mask` is False count nowhere."""
+  logits = _eval_logits(state, batch['input'])
+  losses = cross_entropy(logits, batch['label'], num_classes)
+  return _collect(EvalMetrics, axis_name, loss=losses,
+                  correct=logits.argmax(-1) == batch['label'], mask=batch['mask'])
+
+
+def predict_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+  """Class probabilities for `batch['input']`."""
+  return jax.nn.softmax(_eval_logits(state, batch['input']))

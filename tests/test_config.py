@@ -1,0 +1,92 @@
+"""Every config file loads and validates; each validation rule names its key."""
+
+import glob
+import importlib.util
+import os
+
+import ml_collections
+import pytest
+
+from pipeline import config as config_lib
+
+CONFIG_FILES = sorted(p for p in glob.glob('configs/*.py') if not p.endswith('__init__.py'))
+
+
+def _load(path, variant=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _needs_external_data(config):
+  return config.data.name == 'tfds'
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_config_files_load_and_validate(path):
+  for variant in (None, 'smoke'):
+    config = _load(path, variant)
+    assert set(config.keys()) == set(config_lib.base_config().keys()), path
+    if variant == 'smoke' or not _needs_external_data(config):
+      config_lib.validate(config, num_devices=8, num_processes=1)
+
+
+def test_every_file_has_documented_command():
+  for path in CONFIG_FILES:
+    text = open(path, encoding='utf-8').read()
+    assert 'python -m pipeline.main' in text and 'Expected' in text, path
+
+
+def _base(**overrides):
+  config = config_lib.base_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'model.name': 'vgg'}, r'config.model.name=.vgg.*allowed values are mlp, cnn'),
+    ({'data.name': 'mnist'}, r'config.data.name=.mnist.*allowed values are fashion_mnist'),
+    ({'optimizer.name': 'adamax'}, r'config.optimizer.name=.adamax.*allowed values.*adabelief'),
+    ({'optimizer.schedule': 'linear'}, r'optimizer.schedule.*constant, warmup_cosine'),
+    ({'train.global_batch_size': 0}, r'train.global_batch_size=0.*must be > 0'),
+    ({'eval.batch_size': -5}, r'eval.batch_size=-5.*must be > 0'),
+    ({'train.eval_every_steps': 0}, r'train.eval_every_steps=0.*must be > 0'),
+    ({'checkpoint.every_steps': -1}, r'checkpoint.every_steps=-1.*must be > 0'),
+    ({'train.global_batch_size': 100}, r'train.global_batch_size=100.*divisible by the 8'),
+    ({'mesh.data': 3, 'mesh.fsdp': 2}, r'config.mesh=\(3, 2\).*multiply to the 8 devices'),
+    ({'mesh.data': -1, 'mesh.fsdp': -1}, r'at most one of mesh.data and mesh.fsdp'),
+    ({'data.path': '/nonexistent/fmnist'}, r'data.path=.*/nonexistent/fmnist.*no such '
+     r'directory.*apt-get install dataset-fashion-mnist'),
+    ({'data.name': 'csv_text', 'data.path': '/nonexistent.csv'}, r'data.path.*no such file'),
+    ({'data.name': 'tfds'}, r'data.tfds_name'),
+    ({'optimizer.grad_accum_steps': 3}, r'optimizer.grad_accum_steps=3'),
+    ({'optimizer.boundaries': (10,)}, r'optimizer.scales'),
+])
+def test_validation_names_the_key(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(_base(**overrides), num_devices=8, num_processes=1)
+
+
+def test_batch_must_divide_over_processes():
+  config = _base(**{'train.global_batch_size': 24, 'mesh.data': 3, 'mesh.fsdp': 1})
+  with pytest.raises(ValueError, match=r'train.global_batch_size=24.*divisible by the 5 proc'):
+    config_lib.validate(config, num_devices=3, num_processes=5)
+
+
+def test_wrong_type_is_named():
+  # A config built by hand (not from base_config) escapes ml_collections' type safety.
+  raw = config_lib.base_config().to_dict()
+  raw['train']['log_every_steps'] = '10'
+  with pytest.raises(ValueError, match=r'train.log_every_steps=.10.*expected an int'):
+    config_lib.validate(ml_collections.ConfigDict(raw), num_devices=8, num_processes=1)
+
+
+def test_mesh_shape_fills_the_rest():
+  assert config_lib.mesh_shape(_base(**{'mesh.data': -1, 'mesh.fsdp': 2}), 8) == (4, 2)
+  assert config_lib.mesh_shape(_base(**{'mesh.data': 2, 'mesh.fsdp': -1}), 8) == (2, 4)
