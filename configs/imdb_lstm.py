@@ -5,7 +5,7 @@ Command (CSV):   python -m pipeline.main --config=configs/imdb_lstm.py:csv --wor
                    --config.data.path=IMDB_Dataset.csv
   (columns `review` and `sentiment` = positive/negative; a seeded split is held out).
 Hardware: 2-core CPU or one GPU. Expected: about 85-87% test accuracy after 3 epochs.
-Variant `:smoke` runs on synthetic tokens, for the tests.
+Variant `:smoke` runs on the offline Rotten Tomatoes text, for the tests.
 """
 
 from pipeline import config as config_lib
@@ -37,9 +37,10 @@ def get_config(variant: str | None = None):
     config.data.label_column = 'sentiment'
     config.data.label_names = ('negative', 'positive')
   elif variant == 'smoke':
-    config.data.name = 'synthetic'
-    config.data.synthetic_shape = (32,)
-    config.data.vocab_size = 100
+    # The offline Rotten Tomatoes text stands in for IMDB (both: binary sentiment).
+    config.data.name = 'rotten_tomatoes'
+    config.data.eval_split = 'validation'
+    config.data.max_len = 32
     config.train.num_epochs = 0.0
     config.train.num_steps = 5
     config.eval.batch_size = 256

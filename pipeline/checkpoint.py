@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from pipeline import multihost
 
 # Keys that may change between a run and its resume without --config.checkpoint.
 # allow_config_change: durations, cadences, logging, and the topology (elastic resume).
@@ -26,7 +29,9 @@ RESUMABLE_KEYS = (
     'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',
     'mesh.data', 'mesh.fsdp', 'parallelism', 'fsdp', 'data.num_workers',
     'data.prefetch_threads', 'debug_nans', 'data.path', 'data.eval_path',
-    'data.tfds_data_dir')
+    'data.tfds_data_dir', 'predict.input', 'predict.output', 'predict.batch_size',
+    'early_stopping.patience', 'early_stopping.min_delta', 'profile.start_step',
+    'profile.num_steps', 'profile.server_port', 'eval.final_split')
 
 
 class CheckpointError(RuntimeError):
@@ -159,9 +164,23 @@ class Checkpointer:
         errors.append(f'step {candidate}: {type(e).__name__}: {str(e)[:200]}')
         continue
       logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
+      if errors:
+        self._set_aside(steps[:steps.index(candidate)])
       return restored['state'], restored['data'], meta
     raise CheckpointError(f'No usable checkpoint in {self.directory}:\n  '
                           + '\n  '.join(errors))
+
+  def _set_aside(self, bad_steps: list[int]) -> None:
+    """Renames unreadable steps out of Orbax's sight, so training can save those steps
+    again; the files stay on disk for inspection (a checkpoint is never deleted here)."""
+    if jax.process_index() == 0:
+      for step in bad_steps:
+        path = os.path.join(self.directory, str(step))
+        aside = f'{path}.unreadable-{int(time.time())}'
+        os.rename(path, aside)
+        logging.warning('Moved unreadable checkpoint step %d to %s.', step, aside)
+    multihost.barrier('checkpoint_set_aside')
+    self.manager.reload()
 
   def best_step(self) -> int | None:
     return self.manager.best_step()

@@ -104,6 +104,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.checkpoint_step = -1  # evaluate mode: step to restore (-1 = best, else newest).
   c.eval.final_split = ''  # Also score the model chosen on the eval split on this split.
 
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ''  # Image file/folder, or text file (one text per line; '-' = stdin).
+  c.predict.output = ''  # JSON-lines output file ('' = WORKDIR/predictions.jsonl).
+  c.predict.batch_size = 64  # Inputs classified per step (padded to the device count).
+
+  c.early_stopping = ml_collections.ConfigDict()
+  c.early_stopping.metric = ''  # Eval metric to watch, e.g. 'eval/loss' ('' = off).
+  c.early_stopping.mode = 'min'  # 'min' or 'max' for the metric.
+  c.early_stopping.patience = 3  # Evals without improvement before stopping.
+  c.early_stopping.min_delta = 0.0  # Smallest change that counts as an improvement.
+
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = -1  # First step of a jax.profiler trace window (-1 = off).
+  c.profile.num_steps = 5  # Steps traced from start_step.
+  c.profile.server_port = 0  # Start the profiler server on this port (0 = off).
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data axis (-1 = the rest).
   c.mesh.fsdp = 1  # Devices on the fsdp axis (-1 = the rest).
@@ -208,13 +224,15 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
   _check_choice(config, 'parallelism', PARALLELISM)
   _check_choice(config, 'checkpoint.best_mode', ('max', 'min'))
   _check_choice(config, 'data.on_bad_record', ('error', 'skip'))
+  _check_choice(config, 'early_stopping.mode', ('max', 'min'))
   _check_choice(config, 'data.channels', (1, 3))
   _check_positive(
       config, 'data.num_classes', 'train.global_batch_size', 'train.log_every_steps',
       'train.eval_every_steps', 'eval.batch_size',
       'checkpoint.every_steps', 'checkpoint.max_to_keep', 'optimizer.learning_rate',
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
-      'model.hidden_size', 'model.embed_dim')
+      'model.hidden_size', 'model.embed_dim', 'predict.batch_size', 'early_stopping.patience',
+      'profile.num_steps')
   if config.train.num_epochs < 0:
     _fail('train.num_epochs', config.train.num_epochs, 'must be >= 0 (0 = use num_steps)')
   if config.train.num_epochs == 0:

@@ -1,17 +1,25 @@
-"""Exact full-pass evaluation: every example counted once, padding masked out."""
+"""Exact full-pass evaluation (every example counted once, padding masked out), and the
+evaluate mode that scores a saved checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Iterable
 
+from absl import logging
 import jax
 import numpy as np
 
+from pipeline import checkpoint
+from pipeline import reporting
 from pipeline import steps
+
+RESULTS_FILE = 'eval_results.json'
 
 
 def evaluate(eval_step: Callable, state: steps.TrainState, batches: Iterable[dict[str, np.ndarray]],
-             shard_batch: Callable, prefix: str = 'eval') -> dict[str, float]:
+             parallel: Any, prefix: str = 'eval') -> dict[str, float]:
   """Runs `eval_step` over one pass of `batches` and returns `{prefix}/loss`, `/accuracy`.
 
   Metrics are merged on device as exact (total, count) pairs, so the result does not
@@ -19,9 +27,71 @@ def evaluate(eval_step: Callable, state: steps.TrainState, batches: Iterable[dic
   """
   merged = None
   for batch in batches:
-    metrics = eval_step(state, shard_batch(batch))
+    metrics = eval_step(state, parallel.shard_batch(batch))
     merged = metrics if merged is None else merged.merge(metrics)
   if merged is None:
     raise ValueError(f'{prefix}: the evaluation split yielded no batches.')
-  host: Any = jax.device_get(merged)
+  host = parallel.host_metrics(merged)
   return {f'{prefix}/{name}': float(value) for name, value in host.compute().items()}
+
+
+def load_checkpoint(config, workdir: str) -> tuple[Any, steps.TrainState, int]:
+  """Builds the run's Trainer and restores the checkpoint evaluate and predict modes use.
+
+  That is `config.eval.checkpoint_step`, or for -1 the best checkpoint by
+  `config.checkpoint.best_metric` (the newest one when none was saved with metrics).
+
+  Returns:
+    (trainer, state in the trainer's parallel layout, step of the checkpoint).
+
+  Raises:
+    checkpoint.CheckpointError: the workdir holds no checkpoint, or not the asked step.
+  """
+  from pipeline import train  # pylint: disable=g-import-not-at-top  # train imports this.
+  directory = os.path.join(workdir, 'checkpoints')
+  # Checked before Checkpointer, which would create the directory in a mistyped workdir.
+  if not os.path.isdir(directory) and '://' not in directory:
+    raise checkpoint.CheckpointError(
+        f'No checkpoint in workdir {workdir}: {directory} does not exist. Train first '
+        f'(--mode=train --workdir={workdir}) or pass the workdir of a trained run.')
+  ckpt = checkpoint.Checkpointer(directory, config)
+  try:
+    if ckpt.latest_step() is None:
+      raise checkpoint.CheckpointError(
+          f'No checkpoint in workdir {workdir}: {directory} holds no committed step.')
+    step = config.eval.checkpoint_step
+    if step == -1:
+      step = ckpt.best_step()  # None: restore() takes the newest usable step.
+      if step is None:
+        logging.info('No checkpoint was saved with %s; using the newest.',
+                     config.checkpoint.best_metric)
+    trainer = train.Trainer(config, workdir)
+    state, _, _ = ckpt.restore(trainer.abstract_state, step)
+  finally:
+    ckpt.close()
+  state = trainer.parallel.place(state)
+  return trainer, state, trainer.parallel.host_step(state)
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """Evaluate mode: scores the checkpoint of `load_checkpoint` on the eval split, and on
+  `config.eval.final_split` if set.
+
+  The metrics go to the log, to the run's metric writers at the checkpoint's step, and to
+  WORKDIR/eval_results.json as {"step": N, "eval/loss": ..., ...}.
+  """
+  trainer, state, step = load_checkpoint(config, workdir)
+  metrics = trainer.evaluate(state)
+  if config.eval.final_split:
+    metrics.update(trainer.evaluate(state, config.eval.final_split))
+  logging.info('Checkpoint step %d of %s: %s', step, workdir, metrics)
+  lead = jax.process_index() == 0
+  writer = reporting.make_writer(workdir, lead=lead)
+  writer.write_scalars(step, metrics)
+  writer.close()
+  if lead:
+    path = os.path.join(workdir, RESULTS_FILE)
+    with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
+      json.dump({'step': step, **metrics}, f, indent=2)
+    os.replace(f'{path}.tmp', path)  # A reader never sees half a file.
+  return metrics

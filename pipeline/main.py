@@ -32,11 +32,16 @@ def main(argv):
                       num_processes=jax.process_count())
   logging.info('%s', multihost.topology_line())
   # Imported here so that --help and config errors answer before TensorFlow loads.
-  from pipeline import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
   if _MODE.value == 'train':
+    from pipeline import train
     train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == 'evaluate':
+    from pipeline import evaluate
+    evaluate.evaluate_checkpoint(config, _WORKDIR.value)
   else:
-    raise app.UsageError(f'--mode={_MODE.value} is not built yet; only --mode=train works.')
+    from pipeline import predict
+    predict.predict(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
 """Stop signals: turn SIGTERM, SIGINT and SLURM's USR1 into "save at a step, then exit".
 
-When `jax.distributed` is up, JAX's preemption sync manager owns SIGTERM and makes
-`CheckpointManager.reached_preemption(step)` true on every host at the same step; we
-forward SIGINT and SIGUSR1 to SIGTERM so every stop takes that synchronized path. Where
-the sync service is unavailable (JAX was used before the runtime started), a plain
-handler sets a flag that the loop reads after the current step.
+With several processes, every host must stop at the same step, so the stop goes through
+JAX's preemption sync manager (installed by `jax.distributed.initialize`): it owns
+SIGTERM, and `CheckpointManager.reached_preemption(step)` turns true on every host at the
+same step. SIGINT and SIGUSR1 are forwarded to SIGTERM to take that path too. A lone
+process needs no agreement, so it handles all three itself and stops after the current
+step (the sync service would only add a second or so of latency); it still polls the
+sync manager for preemption notices that do not come as signals.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import signal
 import threading
 from typing import Callable
 
+import jax
 from jax._src import distributed as jax_distributed
 
-FORWARDED = (signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
@@ -26,25 +29,23 @@ class StopRequest:
     self._reached_preemption = reached_preemption
     self._flag = threading.Event()
     self.signal_name = None
-    self._synced = jax_distributed.global_state.preemption_sync_manager is not None
-    self._previous = {}
-    handled = FORWARDED if self._synced else FORWARDED + (signal.SIGTERM,)
-    for sig in handled:
-      self._previous[sig] = signal.signal(sig, self._handle)
+    synced = jax_distributed.global_state.preemption_sync_manager is not None
+    self._forward = synced and jax.process_count() > 1
+    handled = STOP_SIGNALS[1:] if self._forward else STOP_SIGNALS
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in handled}
 
   def _handle(self, signum, frame) -> None:
     del frame
     self.signal_name = signal.Signals(signum).name
-    if self._synced:
+    if self._forward:
       # JAX's notifier listens for SIGTERM only; it then agrees a stop step with peers.
       os.kill(os.getpid(), signal.SIGTERM)
     else:
       self._flag.set()
 
   def should_stop(self, step: int) -> bool:
-    if self._synced:
-      return self._reached_preemption(step)
-    return self._flag.is_set()
+    # Called every step on every host: the sync point needs each host's step.
+    return self._reached_preemption(step) or self._flag.is_set()
 
   def restore(self) -> None:
     """Puts the previous handlers back (tests run several loops in one process)."""

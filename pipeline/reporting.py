@@ -23,9 +23,13 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
     self._file.write(json.dumps(record) + '\n')
+    self._file.flush()  # Readers (tests, dashboards) follow the file while training runs.
+
+  def write_summaries(self, step, values, metadata=None):
+    pass  # Images, texts and the rest live in the TensorBoard event files only.
 
   def write_images(self, step, images):
-    pass  # Images and the rest live in the TensorBoard event files only.
+    pass
 
   def write_videos(self, step, videos):
     pass

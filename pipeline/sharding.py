@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from flax import jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -43,6 +43,7 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
 
 class Parallel:
   """jit over a Mesh: global arrays, explicit shardings, donated state."""
+  axis_name = None  # No named device axis: XLA partitions global arrays itself.
 
   def __init__(self, config, devices=None):
     self.mesh = make_mesh(config, devices)
@@ -85,17 +86,74 @@ class Parallel:
     return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
                    out_shardings=self.replicated)
 
-  def unreplicate_metrics(self, metrics: Any) -> Any:
+  def host_metrics(self, metrics: Any) -> Any:
     """Device metrics -> host numpy (an explicit transfer, allowed under the guard)."""
     return jax.device_get(metrics)
 
-  def state_for_saving(self, state: Any) -> Any:
+  def place(self, state: Any) -> Any:
+    """A restored state (already on `abstract_state`'s shardings) -> the loop's layout."""
     return state
+
+  def for_saving(self, state: Any) -> Any:
+    """The loop's state -> the layout checkpoints hold (the same in both modes)."""
+    return state
+
+  def host_step(self, state: Any) -> int:
+    return int(jax.device_get(state.step))
+
+
+class PmapParallel(Parallel):
+  """The Flax-examples pattern: state replicated per local device, batches split on a
+  leading device axis, gradients and BatchNorm statistics averaged with `lax.pmean`.
+
+  Checkpoints hold one copy of the state, as under jit, so either mode restores the other.
+  """
+  axis_name = 'batch'
+
+  def __init__(self, config, devices=None):
+    del config
+    self.devices = jax.local_devices() if devices is None else devices
+    self.device = self.devices[0]
+    # A leading axis split over the local devices: the layout pmap expects.
+    self._stacked = NamedSharding(Mesh(np.asarray(self.devices), ('devices',)), P('devices'))
+
+  def describe(self) -> str:
+    return f'pmap over {len(self.devices)} local devices'
+
+  def abstract_state(self, init_fn: Callable[[], Any]) -> Any:
+    single = jax.sharding.SingleDeviceSharding(self.device)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single),
+                        jax.eval_shape(init_fn))
+
+  def init_state(self, init_fn: Callable[[], Any]) -> Any:
+    return self.place(jax.jit(init_fn)())
+
+  def place(self, state: Any) -> Any:
+    return jax_utils.replicate(state, self.devices)
+
+  def for_saving(self, state: Any) -> Any:
+    return jax_utils.unreplicate(state)
+
+  def host_step(self, state: Any) -> int:
+    return int(jax.device_get(jax_utils.unreplicate(state.step)))
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    n = len(self.devices)
+    return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self._stacked)
+            for k, v in batch.items()}
+
+  def compile_train_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
+                    axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
+
+  def compile_eval_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
+                    axis_name=self.axis_name, devices=self.devices)
+
+  def host_metrics(self, metrics: Any) -> Any:
+    # Gathered metrics are identical on every device; one copy is the global value.
+    return jax.device_get(jax_utils.unreplicate(metrics))
 
 
 def make_parallel(config, devices=None) -> Parallel:
-  if config.parallelism == 'jit':
-    return Parallel(config, devices)
-  raise NotImplementedError(
-      f'config.parallelism={config.parallelism!r}: the pmap fallback is not built yet; '
-      'use parallelism="jit".')
+  return {'jit': Parallel, 'pmap': PmapParallel}[config.parallelism](config, devices)

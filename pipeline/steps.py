@@ -1,11 +1,13 @@
 """Train, eval and predict steps: pure functions of (state, batch), no I/O.
 
+No `from __future__ import annotations` here: CLU reads the metric classes from the
+annotations of the Collection dataclasses at run time.
+
 `sharding.py` compiles them (jit over a Mesh, or pmap); they only learn the name of the
 device axis (`axis_name`), which is None under jit, where arrays are global and XLA inserts
 the collectives itself.
 """
 
-from __future__ import annotations
 
 from typing import Any, Callable
 
@@ -143,7 +145,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: i
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = _collect(TrainMetrics, axis_name, loss=losses, correct=logits.argmax(-1) == labels,
                      learning_rate=learning_rate_fn(state.step),
-                     grad_norm=optax.global_norm(mean_grads))
+                     grad_norm=optax.tree.norm(mean_grads))
   return new_state, metrics
 
 

@@ -32,9 +32,9 @@ def num_train_steps(config, train_size: int) -> int:
   return config.train.num_steps
 
 
-def _host_metrics(metrics: Any, step: int) -> dict[str, float]:
+def _host_metrics(parallel, metrics: Any, step: int) -> dict[str, float]:
   """Fetches a step's metrics; a non-finite loss stops the run naming the step."""
-  values = {f'train/{k}': float(v) for k, v in jax.device_get(metrics).compute().items()}
+  values = {f'train/{k}': float(v) for k, v in parallel.host_metrics(metrics).compute().items()}
   if not np.isfinite(values['train/loss']):
     raise FloatingPointError(
         f'Non-finite training loss {values["train/loss"]} at step {step}; stopping. '
@@ -50,9 +50,9 @@ class Trainer:
     self.data = data_lib.make_data(config, process_index=jax.process_index(),
                                    process_count=jax.process_count(), workdir=workdir)
     self.num_steps = num_train_steps(config, self.data.train_size)
-    self.model = models.make_model(config)
     tx, self.learning_rate_fn = optim.make_optimizer(config, self.num_steps)
     self.parallel = sharding.make_parallel(config)
+    self.model = models.make_model(config, axis_name=self.parallel.axis_name)
     self.init_fn = functools.partial(steps.init_state, self.model, tx, self.data.input_shape,
                                      self.data.input_dtype, config.seed)
     self.abstract_state = self.parallel.abstract_state(self.init_fn)
@@ -68,8 +68,7 @@ class Trainer:
   def evaluate(self, state: steps.TrainState, split: str | None = None) -> dict[str, float]:
     batches = self.data.eval_batches() if split is None else self.data.split_batches(split)
     prefix = 'eval' if split is None else split
-    return evaluate_lib.evaluate(self.eval_step, state, batches, self.parallel.shard_batch,
-                                 prefix)
+    return evaluate_lib.evaluate(self.eval_step, state, batches, self.parallel, prefix)
 
 
 def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
@@ -79,7 +78,8 @@ def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
     state = trainer.parallel.init_state(trainer.init_fn)
     return state, trainer.data.train_iter(0)
   state, data_state, meta = restored
-  step = int(jax.device_get(state.step))
+  state = trainer.parallel.place(state)
+  step = trainer.parallel.host_step(state)
   train_iter = trainer.data.train_iter(step)
   if meta['topology']['process_count'] == jax.process_count():
     # Same process layout: the saved iterator state is exact. Elsewhere the data order,
@@ -98,7 +98,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   writer = reporting.make_writer(workdir, lead=lead)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
   state, train_iter = restore_or_init(trainer, ckpt)
-  start_step = int(jax.device_get(state.step))
+  start_step = trainer.parallel.host_step(state)
   logging.info('Training %d steps from step %d (%s).', trainer.num_steps, start_step,
                trainer.parallel.describe())
   stop = preemption.StopRequest(ckpt.reached_preemption)
@@ -116,13 +116,13 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     # Read the previous step's metrics only now, after this step is dispatched: the host
     # never waits for the device, and at most two steps are ever in flight.
     if pending is not None:
-      window.append(_host_metrics(*pending))
+      window.append(_host_metrics(trainer.parallel, *pending))
     pending = (metrics, step)
     report(step)
     last, stopping = step == trainer.num_steps, stop.should_stop(step)
     eval_metrics = None
     if step % cfg.log_every_steps == 0 or last or stopping:
-      window.append(_host_metrics(*pending))
+      window.append(_host_metrics(trainer.parallel, *pending))
       pending = None
       elapsed = time.perf_counter() - window_start
       scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
@@ -138,9 +138,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       window_start = time.perf_counter()  # Eval time is not training throughput.
     if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
       if pending is not None:  # Never write a checkpoint of a state whose loss is not finite.
-        window.append(_host_metrics(*pending))
+        window.append(_host_metrics(trainer.parallel, *pending))
         pending = None
-      ckpt.save(step, state, train_iter.get_state(), {}, eval_metrics)
+      ckpt.save(step, trainer.parallel.for_saving(state), train_iter.get_state(), {},
+                eval_metrics)
     if stopping:
       logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
                       stop.signal_name or 'preemption notice', step)
@@ -151,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   if config.eval.final_split and not stopping:
     # The final split scores the model chosen on the eval split; it never steers training.
     best_step = ckpt.best_step()
-    best_state = ckpt.restore(trainer.abstract_state, best_step)[0]
+    best_state = trainer.parallel.place(ckpt.restore(trainer.abstract_state, best_step)[0])
     final = trainer.evaluate(best_state, config.eval.final_split)
     writer.write_scalars(trainer.num_steps, {**final, 'best_step': best_step})
     logging.info('Model of step %d (best %s on %s) on %s: %s', best_step,

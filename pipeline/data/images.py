@@ -1,0 +1,166 @@
+"""Image ops: decode and probe files, channel statistics, augmentation and normalization.
+
+Everything past decoding works on whole uint8 batches [B, H, W, C] in numpy, because a
+per-example Python loop would cost more than the model step on the small CPU hosts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data.errors import DataError
+
+# Files with these suffixes are treated as images; anything else in a folder is ignored
+# (README files, .DS_Store, label lists).
+EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
+
+
+def probe(path: str) -> tuple[int, int]:
+  """Reads the header and checks the file's structure without decoding pixels.
+
+  Returns:
+    (height, width).
+
+  Raises:
+    DataError naming the file if it is not a readable image.
+  """
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      image.verify()  # Checks chunk CRCs for PNG; a truncated PNG fails here.
+  # Pillow's format plugins raise many types (OSError, SyntaxError, struct.error, ...) on
+  # corrupt bytes; any of them means the same thing to us.
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{path}: not a readable image ({type(e).__name__}: {e})') from None
+  return height, width
+
+
+def decode(item: Any, *, size: tuple[int, int] | None, channels: int,
+           name: str | None = None) -> np.ndarray:
+  """Decodes a path, PIL image or uint8 array into uint8 [H, W, channels].
+
+  Args:
+    item: an image file path, a PIL image, or a uint8 array [H, W] or [H, W, C].
+    size: (height, width) to resize to (bilinear), or None to keep the size.
+    channels: 1 (gray) or 3 (RGB).
+    name: what to call the item in errors (defaults to the path).
+  """
+  if isinstance(item, (str, os.PathLike)):
+    name = name or os.fspath(item)
+    try:
+      with Image.open(item) as image:
+        return _to_array(image, size, channels)
+    except DataError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # See probe().
+      raise DataError(f'{name}: cannot decode image ({type(e).__name__}: {e})') from None
+  if isinstance(item, Image.Image):
+    return _to_array(item, size, channels)
+  array = np.asarray(item)
+  if array.dtype != np.uint8 or array.ndim not in (2, 3):
+    raise DataError(f'{name or "image"}: expected a uint8 array [H, W] or [H, W, C], got '
+                    f'{array.dtype} {array.shape}')
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  return _to_array(Image.fromarray(array), size, channels)
+
+
+def _to_array(image: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+  image = image.convert('L' if channels == 1 else 'RGB')
+  if size and image.size != (size[1], size[0]):
+    image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+  array = np.asarray(image, np.uint8)
+  return array[..., None] if channels == 1 else array
+
+
+def convert(images: np.ndarray, *, size: tuple[int, int] | None, channels: int) -> np.ndarray:
+  """Brings an in-memory uint8 batch [N, H, W, C] to the configured size and channels."""
+  if images.shape[-1] != channels:
+    if channels == 3:
+      images = np.repeat(images, 3, axis=-1)
+    else:  # ITU-R 601 luma, as Pillow's convert('L').
+      weights = np.array([299, 587, 114], np.uint32)
+      images = ((images.astype(np.uint32) @ weights + 500) // 1000).astype(np.uint8)[..., None]
+  if size and images.shape[1:3] != tuple(size):
+    images = np.stack([decode(image, size=size, channels=channels) for image in images])
+  return images
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of uint8 images [N, H, W, C] on the [0, 1] scale.
+
+  Works in float32 chunks: a whole-array `astype` of 60k Fashion-MNIST images would be a
+  376 MB temporary, and numpy's std on uint8 takes 0.7 s where this takes 0.06 s.
+  """
+  channels = images.shape[-1]
+  total = np.zeros(channels)
+  squares = np.zeros(channels)
+  count = 0
+  for start in range(0, len(images), 4096):
+    pixels = images[start:start + 4096].reshape(-1, channels).astype(np.float32)
+    total += pixels.sum(0, dtype=np.float64)
+    squares += np.einsum('ij,ij->j', pixels, pixels)
+    count += len(pixels)
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean**2, 1e-6))
+  return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
+
+
+def normalize(images: np.ndarray, mean: np.ndarray | None,
+              std: np.ndarray | None) -> np.ndarray:
+  """uint8 [..., C] -> float32: x / 255, then (x - mean) / std when stats are given."""
+  if mean is None:
+    return images.astype(np.float32) * np.float32(1 / 255)
+  scale = (1.0 / (255.0 * std)).astype(np.float32)
+  offset = (-mean / std).astype(np.float32)
+  return images.astype(np.float32) * scale + offset
+
+
+def augment(images: np.ndarray, *, seed: int, positions: np.ndarray, pad: int,
+            flip: bool) -> np.ndarray:
+  """Random crop after zero padding, and random horizontal flip, on a uint8 batch.
+
+  Each example's crop offset and flip come from a hash of (seed, global stream position),
+  so an example gets the same augmentation whichever process, batch or resume reads it.
+
+  Args:
+    images: uint8 [B, H, W, C].
+    seed: the run's seed.
+    positions: int [B], global stream positions of the examples.
+    pad: pixels of zero padding on each side before cropping back to H x W (0 = no crop).
+    flip: whether to flip half of the examples left-right.
+  """
+  if not pad and not flip:
+    return images
+  b, h, w, _ = images.shape
+  keys = example_keys(seed, positions)
+  rows = np.broadcast_to(np.arange(h), (b, h))
+  cols = np.broadcast_to(np.arange(w), (b, w))
+  if pad:
+    images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    span = np.uint64(2 * pad + 1)
+    rows = rows + (keys % span).astype(np.intp)[:, None]
+    cols = cols + ((keys >> np.uint64(16)) % span).astype(np.intp)[:, None]
+  if flip:
+    flipped = (keys >> np.uint64(63)).astype(bool)
+    cols = np.where(flipped[:, None], cols[:, ::-1], cols)
+  # One gather does crop and flip together: out[i, y, x] = images[i, rows[i, y], cols[i, x]].
+  return images[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def example_keys(seed: int, positions: np.ndarray) -> np.ndarray:
+  """uint64 pseudo-random keys, one per position, a pure function of (seed, position)."""
+  base = _mix64(np.array([seed % 2**64], np.uint64))
+  return _mix64(positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + base)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+  # The splitmix64 finalizer: consecutive counters map to unrelated 64-bit values, which a
+  # vectorized counter-based generator needs (numpy's Generators cannot be keyed per row).
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))

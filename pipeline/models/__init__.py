@@ -1,0 +1,56 @@
+"""Model registry: `make_model(config)` picks a Flax module by `config.model.name`.
+
+Every model is called as `model.apply(variables, x, train=bool, rngs=...)` and returns
+float32 logits [batch, num_classes]. Parameters are split into two top-level submodules so
+that freezing and partial restores work by path prefix: 'backbone/...' is the feature
+extractor and 'head/{kernel,bias}' is the classifier. Models with BatchNorm ('cnn_bn', the
+ResNets) also carry a 'batch_stats' collection that is mutable when `train=True`; 'cnn_bn'
+draws dropout from the 'dropout' rng. Adding a model is one file and one line below.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import ml_collections
+
+from pipeline.models import cnn
+from pipeline.models import lstm
+from pipeline.models import mlp
+from pipeline.models import resnet
+
+_MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    'mlp': mlp.from_config,
+    'cnn': functools.partial(cnn.from_config, batch_norm=False),
+    'cnn_bn': functools.partial(cnn.from_config, batch_norm=True),
+    'resnet18': functools.partial(
+        resnet.from_config, stage_sizes=(2, 2, 2, 2), block='basic'),
+    'resnet34': functools.partial(
+        resnet.from_config, stage_sizes=(3, 4, 6, 3), block='basic'),
+    'resnet50': functools.partial(
+        resnet.from_config, stage_sizes=(3, 4, 6, 3), block='bottleneck'),
+    'resnet_small': functools.partial(resnet.from_config, block='basic'),
+    'lstm': lstm.from_config,
+}
+
+_BATCH_NORM_MODELS = ('cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small')
+
+
+def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None) -> nn.Module:
+  """Builds the model named by `config.model.name`.
+
+  `axis_name` is the pmap device axis, over which BatchNorm averages its statistics (under
+  jit the arrays are global and BatchNorm already sees the whole batch).
+
+  Raises:
+    ValueError: the name is not registered; the message lists the valid names.
+  """
+  name = config.model.name
+  if name not in _MODELS:
+    raise ValueError(
+        f'config.model.name={name!r} is invalid: valid names are {", ".join(_MODELS)}.')
+  if axis_name is not None and name in _BATCH_NORM_MODELS:
+    return _MODELS[name](config, axis_name=axis_name)
+  return _MODELS[name](config)

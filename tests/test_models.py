@@ -1,0 +1,197 @@
+"""Tests for pipeline/models: shapes, exact sizes, one training step, train/eval modes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pipeline import config as config_lib
+from pipeline import models
+from pipeline.models import resnet
+
+BN_MODELS = ('cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small')
+
+
+def _config(name, **model):
+  """A tiny variant of `name` that compiles and runs in well under a second."""
+  config = config_lib.base_config()
+  config.model.name = name
+  config.model.hidden_size = 16
+  config.model.width = 4
+  config.model.stage_sizes = (1, 1)
+  config.model.embed_dim = 8
+  config.model.lstm_sizes = (8, 6)
+  config.model.lstm_dense_size = 5
+  config.data.vocab_size = 50
+  config.data.num_classes = 3
+  for key, value in model.items():
+    config.model[key] = value
+  return config
+
+
+def _inputs(name, batch=4):
+  rng = np.random.default_rng(0)
+  if name == 'lstm':
+    tokens = rng.integers(1, 50, size=(batch, 7))
+    for row, length in enumerate(rng.integers(1, 7, size=batch)):
+      tokens[row, length:] = 0
+    return jnp.asarray(tokens, jnp.int32)
+  return jnp.asarray(rng.normal(size=(batch, 16, 16, 1)), jnp.float32)
+
+
+def _init(model, x):
+  return model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x,
+                    train=False)
+
+
+def _num_params(tree):
+  return sum(leaf.size for leaf in jax.tree.leaves(tree))
+
+
+def _abstract_variables(config, x):
+  """Shapes and dtypes of the variables for input `x` (an array or ShapeDtypeStruct)."""
+  model = models.make_model(config)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def _image(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def test_registry_covers_the_schema_and_rejects_unknown_names():
+  for name in config_lib.MODELS:
+    assert isinstance(models.make_model(_config(name)), nn.Module)
+  with pytest.raises(ValueError, match='valid names are mlp, cnn, cnn_bn, resnet18'):
+    models.make_model(_config('transformer'))
+
+
+@pytest.mark.parametrize('name', config_lib.MODELS)
+def test_output_shape_head_and_collections(name):
+  config = _config(name)
+  x = _inputs(name)
+  variables = _abstract_variables(config, x)
+  assert set(variables['params']) == {'backbone', 'head'}
+  assert variables['params']['head']['kernel'].shape[-1] == 3
+  assert ('batch_stats' in variables) == (name in BN_MODELS)
+  logits = jax.eval_shape(
+      lambda v: models.make_model(config).apply(v, x, train=False), variables)
+  assert logits.shape == (4, 3) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('name, expected', [
+    # 784*256 + 256 (hidden) + 256*10 + 10 (head).
+    ('mlp', 203_530),
+    # conv 3*3*1*32 + 32, conv 3*3*32*64 + 64, dense 7*7*64*256 + 256, head 256*10 + 10.
+    ('cnn', 824_458),
+    # cnn without the two conv biases (96), plus BatchNorm scale and bias (2*32 + 2*64).
+    ('cnn_bn', 824_554),
+])
+def test_fashion_mnist_parameter_counts(name, expected):
+  config = config_lib.base_config()
+  config.model.name = name
+  variables = _abstract_variables(config, _image(1, 28, 28, 1))
+  assert _num_params(variables['params']) == expected
+
+
+@pytest.mark.parametrize('name, expected', [
+    # torchvision's counts for the same architectures (BatchNorm scale/bias included).
+    ('resnet18', 11_689_512), ('resnet34', 21_797_672), ('resnet50', 25_557_032)])
+def test_standard_resnet_parameter_counts(name, expected):
+  config = config_lib.base_config()
+  config.model.name = name
+  config.model.stem = 'imagenet'
+  config.data.num_classes = 1000
+  # Parameter count does not depend on resolution; 64 px keeps tracing short.
+  variables = _abstract_variables(config, _image(1, 64, 64, 3))
+  assert _num_params(variables['params']) == expected
+
+
+def _train_step_changes_everything(model, x, has_batch_stats):
+  variables = _init(model, x)
+  labels = jnp.arange(x.shape[0]) % 3
+  tx = optax.sgd(0.1)
+
+  @jax.jit
+  def step(variables):
+    def loss_fn(params):
+      logits, new_state = model.apply(
+          {**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.key(2)})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, new_state
+    grads, new_state = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    updates, _ = tx.update(grads, tx.init(variables['params']))
+    return {**new_state, 'params': optax.apply_updates(variables['params'], updates)}
+
+  new_variables = step(variables)
+  assert ('batch_stats' in new_variables) == has_batch_stats
+  for collection in new_variables:
+    flat_old = dict(jax.tree_util.tree_leaves_with_path(variables[collection]))
+    for path, new in jax.tree_util.tree_leaves_with_path(new_variables[collection]):
+      assert not np.allclose(flat_old[path], new), (
+          f'{collection}/{jax.tree_util.keystr(path)} did not change')
+
+
+# resnet18/34 are resnet_small with other stage sizes; compiling them takes many seconds.
+@pytest.mark.parametrize('name, stem', [
+    ('mlp', 'small'), ('cnn', 'small'), ('cnn_bn', 'small'), ('resnet_small', 'small'),
+    ('resnet_small', 'imagenet'), ('lstm', 'small')])
+def test_one_train_step_changes_every_parameter_and_batch_stat(name, stem):
+  model = models.make_model(_config(name, stem=stem))
+  _train_step_changes_everything(model, _inputs(name), name in BN_MODELS)
+
+
+def test_bottleneck_train_step_changes_every_parameter():
+  # resnet50's block at a size that compiles quickly; resnet50's shape is checked above.
+  model = resnet.ResNet(num_classes=3, stage_sizes=(1, 1), block='bottleneck', width=2)
+  _train_step_changes_everything(model, _inputs('cnn'), has_batch_stats=True)
+
+
+def test_eval_uses_running_averages_and_no_dropout():
+  model = models.make_model(_config('cnn_bn', dropout_rate=0.5))
+  x = _inputs('cnn_bn')
+  variables = _init(model, x)
+  first = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(first, model.apply(variables, x, train=False))
+  # Running averages make each example's output independent of the rest of the batch.
+  np.testing.assert_allclose(model.apply(variables, x[:1], train=False), first[:1],
+                             rtol=1e-5, atol=1e-6)
+
+  def train(seed):
+    logits, _ = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.key(seed)})
+    return logits
+  assert not np.allclose(train(0), train(1))
+  np.testing.assert_array_equal(train(0), train(0))
+
+
+def test_lstm_ignores_trailing_padding():
+  config = _config('lstm')
+  model = models.make_model(config)
+  tokens = _inputs('lstm')
+  tokens = tokens.at[0].set(0)  # An all-pad row must not depend on the padding either.
+  variables = _init(model, tokens)
+  padded = jnp.pad(tokens, ((0, 0), (0, 9)))
+  np.testing.assert_array_equal(model.apply(variables, tokens, train=False),
+                                model.apply(variables, padded, train=False))
+  # Changing a pad position into a real token does change the logits.
+  longer = padded.at[1, tokens.shape[1]].set(7)
+  assert not np.allclose(model.apply(variables, longer, train=False)[1],
+                         model.apply(variables, padded, train=False)[1])
+
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn_bn', 'resnet_small', 'lstm'])
+def test_bfloat16_computes_in_bfloat16_with_float32_params(name):
+  model = models.make_model(_config(name, dtype='bfloat16'))
+  x = _inputs(name)
+  variables = _init(model, x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  logits, state = model.apply(variables, x, train=False, capture_intermediates=True)
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+  inner = state['intermediates']['backbone']
+  # The LSTM keeps its cell state in float32 (see lstm.py); its embedding is bfloat16.
+  activation = inner['embed']['__call__'][0] if name == 'lstm' else inner['__call__'][0]
+  assert activation.dtype == jnp.bfloat16
+  assert state['intermediates']['head']['__call__'][0].dtype == jnp.bfloat16

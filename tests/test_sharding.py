@@ -1,0 +1,89 @@
+"""Parallel layouts agree: mesh shapes, fsdp on/off, gradient accumulation, jit vs pmap."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import fashion_mnist_cnn
+from configs import rotten_tomatoes_lstm
+from pipeline import train
+
+
+def _config(model='cnn', **overrides):
+  if model == 'lstm':
+    config = rotten_tomatoes_lstm.get_config('smoke')
+    config.data.max_len = 24
+    config.model.lstm_sizes = (32, 32)
+    config.model.lstm_dense_size = 16
+    config.model.embed_dim = 16
+  else:
+    config = fashion_mnist_cnn.get_config('smoke')
+    config.data.name = 'synthetic'
+    config.data.path = ''
+    config.data.synthetic_train_size = 512
+    config.data.synthetic_eval_size = 64
+    config.model.name = model
+    config.model.hidden_size = 32
+    config.model.dropout_rate = 0.0  # Dropout masks are drawn per device under pmap.
+  config.train.global_batch_size = 32
+  config.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _losses(config, num_steps, state=None):
+  trainer = train.Trainer(config, workdir=None)
+  state = trainer.parallel.init_state(trainer.init_fn) if state is None else state
+  batches = trainer.data.train_iter(0)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = trainer.train_step(state, trainer.parallel.shard_batch(next(batches)))
+    losses.append(float(trainer.parallel.host_metrics(metrics).compute()['loss']))
+  return losses, state, trainer
+
+
+@pytest.mark.parametrize('mesh, fsdp', [((4, 2), False), ((2, 4), False), ((2, 4), True),
+                                        ((1, 8), True)])
+def test_mesh_shapes_and_fsdp_give_the_same_losses(mesh, fsdp):
+  reference, _, _ = _losses(_config(), 3)
+  losses, state, _ = _losses(
+      _config(**{'mesh.data': mesh[0], 'mesh.fsdp': mesh[1], 'fsdp': fsdp}), 3)
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)
+  kernel = state.params['backbone']['Dense_0']['kernel']  # [3136, 32]
+  if fsdp:
+    assert kernel.sharding.spec == P('fsdp', None)
+    assert kernel.addressable_shards[0].data.shape == (3136 // mesh[1], 32)
+    mu = state.opt_state  # Optimizer moments follow their parameter's sharding.
+    specs = {leaf.sharding.spec for leaf in jax.tree.leaves(mu) if leaf.shape == kernel.shape}
+    assert specs == {P('fsdp', None)}
+  else:
+    assert kernel.sharding.is_fully_replicated
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+  big, _, _ = _losses(_config(**{'train.global_batch_size': 128}), 3)
+  accumulated, _, _ = _losses(
+      _config(**{'train.global_batch_size': 128, 'optimizer.grad_accum_steps': 4}), 3)
+  np.testing.assert_allclose(accumulated, big, rtol=1e-5)
+
+
+def test_bfloat16_compute_trains():
+  losses, state, _ = _losses(_config(**{'model.dtype': 'bfloat16'}), 12)
+  assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize('model', ['cnn_bn', 'lstm'])
+def test_jit_and_pmap_agree(model):
+  jit_losses, jit_state, _ = _losses(_config(model), 5)
+  pmap_losses, pmap_state, trainer = _losses(_config(model, parallelism='pmap'), 5)
+  np.testing.assert_allclose(pmap_losses, jit_losses, rtol=1e-5)
+  saved = trainer.parallel.for_saving(pmap_state)
+  for a, b in zip(jax.tree.leaves(saved.batch_stats), jax.tree.leaves(jit_state.batch_stats)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
