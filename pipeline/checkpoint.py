@@ -38,11 +38,11 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or a resume that would silently change the run."""
 
 
-def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+def _flatten(tree: dict[str, Any], prefix: str = '', sep: str = '/') -> dict[str, Any]:
   flat = {}
-  for key, value in config.items():
+  for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(_flatten(value, f'{prefix}{key}{sep}', sep))
     else:
       flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
   return flat
@@ -54,7 +54,7 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def check_config_change(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
   """Raises listing every changed key outside RESUMABLE_KEYS, unless allowed."""
-  old, new = _flatten(saved), _flatten(config_to_dict(config))
+  old, new = _flatten(saved, sep='.'), _flatten(config_to_dict(config), sep='.')
   changed = sorted(k for k in old.keys() | new.keys()
                    if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
   if changed and not config.checkpoint.allow_config_change:
@@ -184,3 +184,51 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     return self.manager.best_step()
+
+
+def init_from(config: ml_collections.ConfigDict, fresh: Any) -> Any:
+  """`fresh` (a host or device state) with params and BatchNorm statistics from the run in
+  `config.init_from`: all of them, or those under `config.init_prefixes`.
+
+  A leaf whose shape differs (a new head for another number of classes) keeps its fresh
+  initialization; every such leaf is logged, as are those the source lacks.
+  """
+  source_dir = os.path.join(config.init_from, 'checkpoints')
+  if not os.path.isdir(source_dir):
+    source_dir = config.init_from  # Also accept the checkpoints directory itself.
+  manager = ocp.CheckpointManager(source_dir, item_names=('state', 'data', 'meta'),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = config.init_from_step if config.init_from_step >= 0 else manager.latest_step()
+  if step is None or step not in manager.all_steps():
+    raise CheckpointError(f'config.init_from={config.init_from!r}: no checkpoint step '
+                          f'{step} there; committed steps: {list(manager.all_steps())}.')
+  saved = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  prefixes = tuple(config.init_prefixes)
+  taken, kept = [], []
+
+  def pick(collection):
+    source = _flatten(saved.get(collection) or {})
+    def leaf(key_path, value):
+      path = jax.tree_util.keystr(key_path, simple=True, separator='/')
+      if prefixes and not any(path == p or path.startswith(p.rstrip('/') + '/')
+                              for p in prefixes):
+        return value
+      if path not in source:
+        kept.append(f'{collection}/{path} (absent in source)')
+        return value
+      if tuple(source[path].shape) != tuple(value.shape):
+        kept.append(f'{collection}/{path} (shape {tuple(source[path].shape)} -> '
+                    f'{tuple(value.shape)})')
+        return value
+      taken.append(path)
+      return source[path].astype(value.dtype)
+    return jax.tree_util.tree_map_with_path(leaf, getattr(fresh, collection))
+
+  params, batch_stats = pick('params'), pick('batch_stats')
+  logging.info('init_from %s step %d: %d leaves loaded; fresh init kept for: %s',
+               config.init_from, step, len(taken), ', '.join(kept) or 'none')
+  if not taken:
+    raise CheckpointError(f'config.init_from={config.init_from!r} step {step}: no parameter '
+                          f'matched (init_prefixes={prefixes}).')
+  return fresh.replace(params=params, batch_stats=batch_stats)

@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'test'  # tfds/rotten_tomatoes: split evaluated (validation or test).
   c.data.validation_fraction = 0.1  # Share held out for validation where no split exists.
   c.data.test_fraction = 0.1  # rotten_tomatoes/csv_text: share held out as the test split.
-  c.data.num_classes = 10  # Number of labels; must match the dataset.
+  c.data.num_classes = 10  # Number of labels; must match the dataset (or data.classes).
+  c.data.classes = ()  # Keep only these label ids, relabelled 0..n-1 (() = all).
   c.data.image_size = 0  # Resize images to this square size (0 = keep native size).
   c.data.channels = 1  # Image channels after decoding: 1 (gray) or 3 (RGB).
   c.data.label_pattern = ''  # image_folder: regex whose group 1 is the label in a filename.

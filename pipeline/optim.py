@@ -71,6 +71,20 @@ def param_paths(params: Any) -> list[str]:
   return [_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
+def under_any(path: str, prefixes: tuple[str, ...]) -> bool:
+  """Whether '/'-joined `path` lies under one of `prefixes` (whole components)."""
+  return any(_under(path, p) for p in prefixes)
+
+
+def keep_frozen(new: Any, old: Any, prefixes: tuple[str, ...]) -> Any:
+  """`new` with the leaves under `prefixes` taken from `old` (e.g. BatchNorm statistics of
+  a frozen backbone, which training mode would otherwise keep updating)."""
+  if not prefixes:
+    return new
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, n, o: o if under_any(_path(kp), prefixes) else n, new, old)
+
+
 def needs_per_example_grads(config: ml_collections.ConfigDict) -> bool:
   """True when the optimizer wants per-example gradients stacked on axis 0 (jax.vmap)."""
   return config.optimizer.name == 'dpsgd'

@@ -86,9 +86,19 @@ class Parallel:
     return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
                    out_shardings=self.replicated)
 
+  def compile_predict_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=self.replicated)
+
   def host_metrics(self, metrics: Any) -> Any:
     """Device metrics -> host numpy (an explicit transfer, allowed under the guard)."""
     return jax.device_get(metrics)
+
+  def host_outputs(self, outputs: jax.Array) -> np.ndarray:
+    """Per-example outputs of the global batch -> host rows, this process's block first."""
+    rows = np.asarray(jax.device_get(outputs))
+    return rows.reshape(-1, *rows.shape[-1:])
 
   def place(self, state: Any) -> Any:
     """A restored state (already on `abstract_state`'s shardings) -> the loop's layout."""
@@ -149,6 +159,9 @@ class PmapParallel(Parallel):
   def compile_eval_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
                     axis_name=self.axis_name, devices=self.devices)
+
+  def compile_predict_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    return jax.pmap(step_fn, devices=self.devices)
 
   def host_metrics(self, metrics: Any) -> Any:
     # Gathered metrics are identical on every device; one copy is the global value.

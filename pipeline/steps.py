@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pipeline import optim
+
 
 class TrainState(train_state.TrainState):
   """Flax's TrainState plus BatchNorm statistics and the base rng of the run."""
@@ -79,7 +81,7 @@ def _forward(state: TrainState, params, batch_stats, inputs, labels, dropout_rng
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int,
                learning_rate_fn: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
                grad_accum_steps: int = 1, per_example_grads: bool = False,
-               axis_name: str | None = None) -> tuple[TrainState, TrainMetrics]:
+               frozen: tuple[str, ...] = (), axis_name: str | None = None) -> tuple[TrainState, TrainMetrics]:
   """One optimizer update on `batch`, split into `grad_accum_steps` micro-batches.
 
   Args:
@@ -90,6 +92,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: i
     label_smoothing: softmax cross-entropy label smoothing.
     grad_accum_steps: micro-batches whose mean gradient makes one update.
     per_example_grads: hand the optimizer [B, ...] gradients (DP-SGD clips each one).
+    frozen: path prefixes whose BatchNorm statistics stay fixed (the optimizer already
+      gives their parameters zero updates).
     axis_name: the pmap axis to average over; None under jit.
 
   Returns:
@@ -140,7 +144,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: i
     labels = split(labels).reshape(-1)
 
   grads = _pmean(grads, axis_name)
-  batch_stats = _pmean(batch_stats, axis_name)
+  batch_stats = optim.keep_frozen(_pmean(batch_stats, axis_name), state.batch_stats, frozen)
   mean_grads = jax.tree.map(lambda g: g.mean(0), grads) if per_example_grads else grads
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = _collect(TrainMetrics, axis_name, loss=losses, correct=logits.argmax(-1) == labels,

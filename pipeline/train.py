@@ -16,12 +16,15 @@ import numpy as np
 from pipeline import checkpoint
 from pipeline import data as data_lib
 from pipeline import evaluate as evaluate_lib
+from pipeline import goodput
 from pipeline import models
 from pipeline import optim
+from pipeline import plots
 from pipeline import preemption
 from pipeline import reporting
 from pipeline import sharding
 from pipeline import steps
+from pipeline import summaries
 
 
 def num_train_steps(config, train_size: int) -> int:
@@ -61,9 +64,12 @@ class Trainer:
         steps.train_step, num_classes=num_classes, learning_rate_fn=self.learning_rate_fn,
         label_smoothing=config.optimizer.label_smoothing,
         grad_accum_steps=config.optimizer.grad_accum_steps,
-        per_example_grads=optim.needs_per_example_grads(config)), self.abstract_state)
+        per_example_grads=optim.needs_per_example_grads(config),
+        frozen=tuple(config.freeze)), self.abstract_state)
     self.eval_step = self.parallel.compile_eval_step(
         functools.partial(steps.eval_step, num_classes=num_classes), self.abstract_state)
+    self.predict_step = self.parallel.compile_predict_step(steps.predict_step,
+                                                           self.abstract_state)
 
   def evaluate(self, state: steps.TrainState, split: str | None = None) -> dict[str, float]:
     batches = self.data.eval_batches() if split is None else self.data.split_batches(split)
@@ -72,11 +78,16 @@ class Trainer:
 
 
 def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
-  """The newest usable checkpoint of this workdir, or a fresh state; and the data iterator."""
+  """The newest usable checkpoint of this workdir, or a fresh state (optionally from
+  `config.init_from`); the data iterator positioned after it; the saved metadata."""
   restored = ckpt.restore(trainer.abstract_state)
   if restored is None:
     state = trainer.parallel.init_state(trainer.init_fn)
-    return state, trainer.data.train_iter(0)
+    if trainer.config.init_from:
+      loaded = checkpoint.init_from(trainer.config, trainer.parallel.for_saving(state))
+      state = trainer.parallel.place(jax.tree.map(
+          lambda x, a: jax.device_put(x, a.sharding), loaded, trainer.abstract_state))
+    return state, trainer.data.train_iter(0), {}
   state, data_state, meta = restored
   state = trainer.parallel.place(state)
   step = trainer.parallel.host_step(state)
@@ -85,7 +96,58 @@ def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
     # Same process layout: the saved iterator state is exact. Elsewhere the data order,
     # a function of the global step, lets train_iter(step) take over.
     train_iter.set_state(data_state)
-  return state, train_iter
+  return state, train_iter, meta
+
+
+class EarlyStopping:
+  """Stops after `patience` evals without a `min_delta` improvement of the metric."""
+
+  def __init__(self, config):
+    self.config = config.early_stopping
+    self.best, self.bad_evals = None, 0
+
+  def update(self, metrics: dict[str, float]) -> bool:
+    if not self.config.metric:
+      return False
+    value = metrics[self.config.metric]
+    sign = 1 if self.config.mode == 'max' else -1
+    if self.best is None or sign * (value - self.best) > self.config.min_delta:
+      self.best, self.bad_evals = value, 0
+    else:
+      self.bad_evals += 1
+    return self.bad_evals >= self.config.patience
+
+
+def _lost_steps(workdir: str, restored_step: int) -> int:
+  """Steps the previous attempt logged past the checkpoint it is resumed from."""
+  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    return 0
+  logged = [r['step'] for r in reporting.read_jsonl(workdir) if 'train/loss' in r]
+  return max(0, max(logged, default=0) - restored_step)
+
+
+def _write_start_summaries(trainer: Trainer, writer, step: int) -> None:
+  config = trainer.config
+  writer.write_texts(step, {'config': summaries.config_text(config), 'model': summaries.model_summary(
+      trainer.model, trainer.data.input_shape, trainer.data.input_dtype)})
+  if len(trainer.data.input_shape) == 3:  # Image workloads: what the model really sees.
+    batch = next(iter(trainer.data.train_iter(step)))
+    writer.write_images(step, {'train/inputs': summaries.image_grid(batch['input'])})
+
+
+def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool) -> dict[str, float]:
+  metrics = trainer.evaluate(state)
+  writer.write_scalars(step, metrics)
+  logging.info('step %d: %s', step, metrics)
+  if lead and len(trainer.data.input_shape) == 3:
+    batch = next(iter(trainer.data.eval_batches()))
+    probs = trainer.parallel.host_outputs(
+        trainer.predict_step(state, trainer.parallel.shard_batch(batch)))
+    wrong = summaries.misclassified(batch['input'], batch['label'],
+                                    probs[:len(batch['label'])].argmax(-1), batch['mask'])
+    if wrong is not None:
+      writer.write_images(step, {'eval/misclassified': summaries.image_grid(wrong[0])})
+  return metrics
 
 
 def train_and_evaluate(config, workdir: str) -> steps.TrainState:
@@ -93,71 +155,110 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   Rerunning on the same workdir resumes from the newest committed checkpoint.
   """
+  clock = goodput.Goodput()
   trainer = Trainer(config, workdir)
   lead = jax.process_index() == 0
   writer = reporting.make_writer(workdir, lead=lead)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
-  state, train_iter = restore_or_init(trainer, ckpt)
+  with clock.timing('restore'):
+    state, train_iter, meta = restore_or_init(trainer, ckpt)
   start_step = trainer.parallel.host_step(state)
+  clock = goodput.Goodput({**meta.get('goodput', {}), 'restore': clock.seconds['restore']})
+  clock.add('lost_to_preemption', meta.get('step_seconds', 0.0) * _lost_steps(workdir, start_step))
   logging.info('Training %d steps from step %d (%s).', trainer.num_steps, start_step,
                trainer.parallel.describe())
-  stop = preemption.StopRequest(ckpt.reached_preemption)
-  report = periodic_actions.ReportProgress(num_train_steps=trainer.num_steps,
-                                           writer=writer if lead else None)
+  if lead:
+    _write_start_summaries(trainer, writer, start_step)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=trainer.num_steps,
+                                           writer=writer if lead else None)]
+  if config.profile.start_step >= 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.start_step,
+                                          num_profile_steps=config.profile.num_steps))
+  if config.profile.server_port:
+    jax.profiler.start_server(config.profile.server_port)
+  stop, early = preemption.StopRequest(ckpt.reached_preemption), EarlyStopping(config)
   cfg, batch_size = config.train, config.train.global_batch_size
-  window, pending, stopping = [], None, False
-  data_wait, window_start = 0.0, time.perf_counter()
+  window, pending, stopping, flops = [], None, False, None
+  window_start, wait_start, step_seconds = time.perf_counter(), 0.0, 0.0
 
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
-    fetch_start = time.perf_counter()
-    batch = trainer.parallel.shard_batch(next(train_iter))
-    data_wait += time.perf_counter() - fetch_start
+    with clock.timing('data_wait'):
+      batch = trainer.parallel.shard_batch(next(train_iter))
     state, metrics = trainer.train_step(state, batch)
+    if flops is None:  # The first step compiles: block on it once to time that.
+      with clock.timing('compile'):
+        jax.block_until_ready(metrics)
+      flops = _flops_per_step(trainer, state, batch)
+      window_start, wait_start = time.perf_counter(), clock.seconds['data_wait']
     # Read the previous step's metrics only now, after this step is dispatched: the host
     # never waits for the device, and at most two steps are ever in flight.
     if pending is not None:
       window.append(_host_metrics(trainer.parallel, *pending))
     pending = (metrics, step)
-    report(step)
+    for hook in hooks:
+      hook(step)
     last, stopping = step == trainer.num_steps, stop.should_stop(step)
-    eval_metrics = None
     if step % cfg.log_every_steps == 0 or last or stopping:
       window.append(_host_metrics(trainer.parallel, *pending))
-      pending = None
-      elapsed = time.perf_counter() - window_start
+      pending, elapsed = None, time.perf_counter() - window_start
+      step_seconds = elapsed / len(window)
       scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      scalars['train/learning_rate'] = window[-1]['train/learning_rate']
-      scalars['perf/examples_per_sec'] = len(window) * batch_size / elapsed
-      scalars['perf/data_wait_fraction'] = data_wait / elapsed
+      scalars.update({'train/learning_rate': window[-1]['train/learning_rate'],
+                      'perf/examples_per_sec': batch_size / step_seconds,
+                      'perf/flops_per_sec': (flops or 0.0) / step_seconds,
+                      'perf/data_wait_fraction':
+                          (clock.seconds['data_wait'] - wait_start) / elapsed,
+                      **clock.scalars()})
       writer.write_scalars(step, scalars)
-      window, data_wait, window_start = [], 0.0, time.perf_counter()
+      window, window_start, wait_start = [], time.perf_counter(), clock.seconds['data_wait']
+    eval_metrics = None
     if step % cfg.eval_every_steps == 0 or last:
-      eval_metrics = trainer.evaluate(state)
-      writer.write_scalars(step, eval_metrics)
-      logging.info('step %d: %s', step, eval_metrics)
+      eval_metrics = _evaluate(trainer, state, writer, step, lead)
+      stopping = early.update(eval_metrics) or stopping
       window_start = time.perf_counter()  # Eval time is not training throughput.
     if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
       if pending is not None:  # Never write a checkpoint of a state whose loss is not finite.
         window.append(_host_metrics(trainer.parallel, *pending))
         pending = None
-      ckpt.save(step, trainer.parallel.for_saving(state), train_iter.get_state(), {},
-                eval_metrics)
+      with clock.timing('checkpoint'):
+        ckpt.save(step, trainer.parallel.for_saving(state), train_iter.get_state(),
+                  {'goodput': clock.state(), 'step_seconds': step_seconds}, eval_metrics)
     if stopping:
       logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
-                      stop.signal_name or 'preemption notice', step)
+                      stop.signal_name or ('early stopping' if early.bad_evals else
+                                           'preemption notice'), step)
       break
 
   ckpt.wait_until_finished()
   stop.restore()
-  if config.eval.final_split and not stopping:
-    # The final split scores the model chosen on the eval split; it never steers training.
-    best_step = ckpt.best_step()
-    best_state = trainer.parallel.place(ckpt.restore(trainer.abstract_state, best_step)[0])
-    final = trainer.evaluate(best_state, config.eval.final_split)
-    writer.write_scalars(trainer.num_steps, {**final, 'best_step': best_step})
-    logging.info('Model of step %d (best %s on %s) on %s: %s', best_step,
-                 config.checkpoint.best_metric, config.data.eval_split,
-                 config.eval.final_split, final)
+  if config.eval.final_split and (not stopping or early.bad_evals):
+    _evaluate_final_split(trainer, ckpt, writer)
+  if lead:
+    writer.write_hparams(summaries.hparams(config))
+    writer.flush()
+    plots.plot_learning_curves(workdir)
   ckpt.close()
-  writer.flush()
+  writer.close()
   return state
+
+
+def _flops_per_step(trainer: Trainer, state, batch) -> float | None:
+  """Model FLOPs of one step from XLA's cost analysis of the lowered step (no recompile)."""
+  try:
+    cost = trainer.train_step.lower(state, batch).cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # pmap lowering needs concrete shapes.
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) if cost else None
+
+
+def _evaluate_final_split(trainer: Trainer, ckpt: checkpoint.Checkpointer, writer) -> None:
+  """Scores the model chosen on the eval split on the final split, which never steers."""
+  config = trainer.config
+  best_step = ckpt.best_step()
+  best_state = trainer.parallel.place(ckpt.restore(trainer.abstract_state, best_step)[0])
+  final = trainer.evaluate(best_state, config.eval.final_split)
+  writer.write_scalars(trainer.num_steps, {**final, 'best_step': best_step})
+  logging.info('Model of step %d (best %s on %s) on %s: %s', best_step,
+               config.checkpoint.best_metric, config.data.eval_split,
+               config.eval.final_split, final)

@@ -308,6 +308,33 @@ class Data:
     return inputs.astype(self.input_dtype, copy=False)
 
 
+def _select_classes(splits: dict[str, Any], label_names: tuple[str, ...],
+                    classes: tuple[int, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """Keeps the examples of `classes` (config.data.classes), relabelled 0..len-1 in order.
+
+  Transfer learning pretrains on some classes and fine-tunes on the others.
+  """
+  if len(set(classes)) != len(classes) or not all(0 <= c < len(label_names) for c in classes):
+    raise ValueError(f'config.data.classes={classes} is invalid: expected distinct label '
+                     f'ids in 0..{len(label_names) - 1}.')
+  new_id = np.full(len(label_names), -1, np.int32)
+  new_id[list(classes)] = np.arange(len(classes))
+  selected = {}
+  for name, split in splits.items():
+    if not hasattr(split, 'labels'):
+      raise ValueError(f'config.data.classes is not supported for split {name!r} '
+                       f'({type(split).__name__}): its labels are only known when read.')
+    keep = np.flatnonzero(new_id[split.labels] >= 0)
+    fields = {'labels': new_id[split.labels[keep]]}
+    for field in ('inputs', 'paths', 'texts'):
+      if hasattr(split, field):
+        values = getattr(split, field)
+        fields[field] = (values[keep] if isinstance(values, np.ndarray)
+                         else type(values)(values[i] for i in keep))
+    selected[name] = dataclasses.replace(split, **fields)
+  return selected, tuple(label_names[c] for c in classes)
+
+
 def make_data(config, *, process_index: int, process_count: int,
               workdir: str | None = None) -> Data:
   """Reads and checks `config.data`'s dataset and returns this process's view of it.
@@ -331,10 +358,12 @@ def make_data(config, *, process_index: int, process_count: int,
       raise ValueError(f'config.{key}={config[section][name]} is invalid: must be divisible '
                        f'by the {process_count} processes.')
   source = sources.make_source(config)
-  if len(source.label_names) != d.num_classes:
+  splits, label_names = dict(source.splits), tuple(source.label_names)
+  if d.classes:
+    splits, label_names = _select_classes(splits, label_names, tuple(d.classes))
+  if len(label_names) != d.num_classes:
     raise ValueError(f'config.data.num_classes={d.num_classes} is invalid: {d.name} has '
-                     f'{len(source.label_names)} labels ({", ".join(source.label_names)}).')
-  splits = dict(source.splits)
+                     f'{len(label_names)} labels ({", ".join(label_names)}).')
   vectorizer = None
   if source.kind == 'text':
     vectorizer = _vectorizer(config, splits[source.train_split].texts, workdir, process_index)
@@ -360,7 +389,7 @@ def make_data(config, *, process_index: int, process_count: int,
   return Data(
       train_size=len(train), eval_size=len(splits[source.eval_split]),
       num_classes=d.num_classes, input_shape=tuple(input_shape), input_dtype=input_dtype,
-      label_names=source.label_names, split_names=tuple(splits),
+      label_names=label_names, split_names=tuple(splits),
       train_split=source.train_split, eval_split=source.eval_split,
       steps_per_epoch=len(train) / config.train.global_batch_size,
       skipped=len(source.skipped), vectorizer=vectorizer,
