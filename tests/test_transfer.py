@@ -13,7 +13,7 @@ from pipeline import train
 
 def _config(classes, steps, **overrides):
   config = fashion_mnist_resnet.get_config('smoke')
-  config.model.width = 8
+  config.model.width = 16
   config.model.stage_sizes = (1, 1)
   config.data.classes = classes
   config.data.num_classes = len(classes)
@@ -51,7 +51,8 @@ def test_frozen_backbone_fine_tuning_beats_a_random_backbone(tmp_path):
   source = _saved_state(pretrained)
 
   tuned = str(tmp_path / 'tuned')
-  frozen = {'freeze': ('backbone',), 'optimizer.warmup_steps': 5}
+  frozen = {'freeze': ('backbone',), 'optimizer.warmup_steps': 5,
+            'optimizer.learning_rate': 1e-2}
   # Only the backbone comes from the source: the head starts fresh for the new classes.
   train.train_and_evaluate(_config((5, 6, 7, 8, 9), 60, init_from=pretrained,
                                    init_prefixes=('backbone',), **frozen), tuned)

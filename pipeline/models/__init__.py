@@ -51,6 +51,9 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None) 
   if name not in _MODELS:
     raise ValueError(
         f'config.model.name={name!r} is invalid: valid names are {", ".join(_MODELS)}.')
-  if axis_name is not None and name in _BATCH_NORM_MODELS:
-    return _MODELS[name](config, axis_name=axis_name)
+  if name in _BATCH_NORM_MODELS:
+    # As in Keras, a frozen backbone's BatchNorm runs in inference mode while the head
+    # trains, so training normalizes exactly as evaluation will.
+    frozen_norm = any(p.rstrip('/') == 'backbone' for p in config.freeze)
+    return _MODELS[name](config, axis_name=axis_name, frozen_norm=frozen_norm)
   return _MODELS[name](config)

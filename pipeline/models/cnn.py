@@ -29,6 +29,7 @@ class CNNBackbone(nn.Module):
   batch_norm: bool = False
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
+  frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -37,7 +38,8 @@ class CNNBackbone(nn.Module):
       x = nn.Conv(features, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype,
                   param_dtype=jnp.float32)(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
+        x = nn.BatchNorm(use_running_average=not train or self.frozen_norm,
+                         momentum=BATCH_NORM_MOMENTUM,
                          dtype=self.dtype, param_dtype=jnp.float32,
                          axis_name=self.axis_name)(x)
       x = nn.relu(x)
@@ -55,11 +57,12 @@ class CNN(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
+  frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = CNNBackbone(self.hidden_size, self.batch_norm, self.dtype, self.axis_name,
-                    name='backbone')(
+                    self.frozen_norm, name='backbone')(
         x, train=train)
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -68,9 +71,10 @@ class CNN(nn.Module):
 
 
 def from_config(config: ml_collections.ConfigDict, *, batch_norm: bool,
-                axis_name: str | None = None) -> CNN:
+                axis_name: str | None = None, frozen_norm: bool = False) -> CNN:
   """'cnn' is the plain network; 'cnn_bn' adds BatchNorm and config.model.dropout_rate."""
   return CNN(num_classes=config.data.num_classes, hidden_size=config.model.hidden_size,
              batch_norm=batch_norm,
              dropout_rate=config.model.dropout_rate if batch_norm else 0.0,
-             dtype=jnp.dtype(config.model.dtype), axis_name=axis_name)
+             dtype=jnp.dtype(config.model.dtype), axis_name=axis_name,
+             frozen_norm=frozen_norm)

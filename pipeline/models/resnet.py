@@ -28,10 +28,11 @@ import ml_collections
 BATCH_NORM_MOMENTUM = 0.9
 
 
-def _layers(dtype: Any, train: bool, axis_name: str | None) -> tuple[Any, Any]:
+def _layers(dtype: Any, train: bool, axis_name: str | None,
+            frozen_norm: bool) -> tuple[Any, Any]:
   """Conv and BatchNorm constructors shared by the stem and the blocks."""
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train or frozen_norm,
                            momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=dtype,
                            axis_name=axis_name,
                            param_dtype=jnp.float32)
@@ -44,10 +45,11 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
+  frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv, norm = _layers(self.dtype, train, self.axis_name)
+    conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
     s = (self.strides, self.strides)
     y = conv(self.filters, (3, 3), s, padding=((1, 1), (1, 1)), name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
@@ -64,10 +66,11 @@ class BottleneckBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
+  frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv, norm = _layers(self.dtype, train, self.axis_name)
+    conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
     s = (self.strides, self.strides)
     y = nn.relu(norm(name='bn1')(conv(self.filters, (1, 1), name='conv1')(x)))
     y = conv(self.filters, (3, 3), s, padding=((1, 1), (1, 1)), name='conv2')(y)
@@ -89,10 +92,11 @@ class ResNetBackbone(nn.Module):
   stem: str = 'small'
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
+  frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv, norm = _layers(self.dtype, train, self.axis_name)
+    conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
     if self.stem == 'imagenet':
       x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
@@ -106,7 +110,8 @@ class ResNetBackbone(nn.Module):
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block(self.width * 2**i, strides, self.dtype, self.axis_name, name=f'stage{i}_block{j}')(
+        x = block(self.width * 2**i, strides, self.dtype, self.axis_name, self.frozen_norm,
+                  name=f'stage{i}_block{j}')(
             x, train=train)
     return jnp.mean(x, axis=(1, 2))
 
@@ -120,21 +125,24 @@ class ResNet(nn.Module):
   stem: str = 'small'
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
+  frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = ResNetBackbone(tuple(self.stage_sizes), self.block, self.width, self.stem,
-                       self.dtype, self.axis_name, name='backbone')(x, train=train)
+                       self.dtype, self.axis_name, self.frozen_norm,
+                       name='backbone')(x, train=train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
 
 
 def from_config(config: ml_collections.ConfigDict, *, block: str,
-                stage_sizes: Sequence[int] | None = None, axis_name: str | None = None
-                ) -> ResNet:
+                stage_sizes: Sequence[int] | None = None, axis_name: str | None = None,
+                frozen_norm: bool = False) -> ResNet:
   """Builds a ResNet; `stage_sizes` None means config.model.stage_sizes (resnet_small)."""
   if stage_sizes is None:
     stage_sizes = config.model.stage_sizes
   return ResNet(num_classes=config.data.num_classes, stage_sizes=tuple(stage_sizes),
                 block=block, width=config.model.width, stem=config.model.stem,
-                dtype=jnp.dtype(config.model.dtype), axis_name=axis_name)
+                dtype=jnp.dtype(config.model.dtype), axis_name=axis_name,
+                frozen_norm=frozen_norm)
