@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from pipeline import checkpoint
+from pipeline import plots
 from pipeline import reporting
 from pipeline import steps
 
@@ -94,4 +95,5 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
     with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
       json.dump({'step': step, **metrics}, f, indent=2)
     os.replace(f'{path}.tmp', path)  # A reader never sees half a file.
+    plots.plot_learning_curves(workdir)
   return metrics

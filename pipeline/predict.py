@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from pipeline import evaluate as evaluate_lib
@@ -72,14 +71,6 @@ def read_inputs(path: str, *, text: bool) -> list[str]:
   return inputs
 
 
-def _predict_step(state: steps.TrainState, batch: dict[str, jax.Array], *,
-                  axis_name: str | None = None) -> jax.Array:
-  # Compiled through compile_eval_step, which passes the pmap axis name; a forward pass
-  # with no metrics needs no collective.
-  del axis_name
-  return steps.predict_step(state, batch)
-
-
 def classify(trainer: Any, state: steps.TrainState, raw_inputs: Sequence[Any],
              batch_size: int) -> np.ndarray:
   """Class probabilities [len(raw_inputs), num_classes], in input order.
@@ -87,8 +78,6 @@ def classify(trainer: Any, state: steps.TrainState, raw_inputs: Sequence[Any],
   Every batch is padded to the same size, a multiple of the device count, so the step
   compiles once; the padding rows are dropped.
   """
-  predict_step = trainer.parallel.compile_eval_step(_predict_step, trainer.abstract_state)
-  num_classes = trainer.data.num_classes
   size = -(-batch_size // jax.device_count()) * jax.device_count()
   share = size // jax.process_count()  # Each process feeds its block of a global batch.
   start_row = jax.process_index() * share
@@ -99,12 +88,8 @@ def classify(trainer: Any, state: steps.TrainState, raw_inputs: Sequence[Any],
     padded = np.zeros((size, *inputs.shape[1:]), inputs.dtype)
     padded[:len(inputs)] = inputs
     batch = trainer.parallel.shard_batch({'input': padded[start_row:start_row + share]})
-    probs = np.asarray(jax.device_get(predict_step(state, batch)), np.float32)
-    probs = probs.reshape(-1, num_classes)  # pmap returns [devices, rows per device, C].
-    if len(probs) != size:
-      # pmap over several processes: each holds only its own block's rows.
-      probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
-    out.append(probs[:len(chunk)])
+    probs = trainer.parallel.host_outputs(trainer.predict_step(state, batch))
+    out.append(np.asarray(probs[:len(chunk)], np.float32))
   return np.concatenate(out)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from flax import jax_utils
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -162,6 +163,13 @@ class PmapParallel(Parallel):
 
   def compile_predict_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
     return jax.pmap(step_fn, devices=self.devices)
+
+  def host_outputs(self, outputs: jax.Array) -> np.ndarray:
+    rows = np.asarray(jax.device_get(outputs))  # [local devices, rows per device, ...]
+    rows = rows.reshape(-1, *rows.shape[2:])
+    if jax.process_count() > 1:  # Each process holds its own block of the global batch.
+      rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+    return rows
 
   def host_metrics(self, metrics: Any) -> Any:
     # Gathered metrics are identical on every device; one copy is the global value.
