@@ -15,11 +15,16 @@ KINDS = ('compile', 'restore', 'checkpoint', 'data_wait', 'lost_to_preemption')
 class Goodput:
   """Seconds per kind, plus the whole wall time; `scalars()` gives their fractions."""
 
-  def __init__(self, saved: dict[str, float] | None = None):
-    saved = saved or {}
-    self.seconds = {k: float(saved.get(k, 0.0)) for k in (*KINDS, 'wall')}
+  def __init__(self):
+    self.seconds = {k: 0.0 for k in (*KINDS, 'wall')}
     self._start = time.perf_counter()
-    self._wall_before = self.seconds['wall']
+    self._wall_before = 0.0
+
+  def resume(self, saved: dict[str, float]) -> None:
+    """Adds the totals of earlier attempts, as stored in the restored checkpoint."""
+    for kind in KINDS:
+      self.seconds[kind] += float(saved.get(kind, 0.0))
+    self._wall_before += float(saved.get('wall', 0.0))
 
   @contextlib.contextmanager
   def timing(self, kind: str) -> Iterator[None]:

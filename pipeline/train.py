@@ -139,13 +139,14 @@ def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool) -> dict[st
   metrics = trainer.evaluate(state)
   writer.write_scalars(step, metrics)
   logging.info('step %d: %s', step, metrics)
-  if lead and len(trainer.data.input_shape) == 3:
+  if len(trainer.data.input_shape) == 3:
+    # Every process runs the step (it spans all devices); only the lead writes the grid.
     batch = next(iter(trainer.data.eval_batches()))
     probs = trainer.parallel.host_outputs(
         trainer.predict_step(state, trainer.parallel.shard_batch(batch)))
     wrong = summaries.misclassified(batch['input'], batch['label'],
                                     probs[:len(batch['label'])].argmax(-1), batch['mask'])
-    if wrong is not None:
+    if lead and wrong is not None:
       writer.write_images(step, {'eval/misclassified': summaries.image_grid(wrong[0])})
   return metrics
 
@@ -163,8 +164,9 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   with clock.timing('restore'):
     state, train_iter, meta = restore_or_init(trainer, ckpt)
   start_step = trainer.parallel.host_step(state)
-  clock = goodput.Goodput({**meta.get('goodput', {}), 'restore': clock.seconds['restore']})
-  clock.add('lost_to_preemption', meta.get('step_seconds', 0.0) * _lost_steps(workdir, start_step))
+  clock.resume(meta.get('goodput', {}))
+  lost_steps = _lost_steps(workdir, start_step)
+  clock.add('lost_to_preemption', meta.get('step_seconds', 0.0) * lost_steps)
   logging.info('Training %d steps from step %d (%s).', trainer.num_steps, start_step,
                trainer.parallel.describe())
   if lead:
