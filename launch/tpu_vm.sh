@@ -179,8 +179,7 @@ install_cmd="set -e; cd $remote_dir; \
 command -v uv > /dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
 export PATH=\$HOME/.local/bin:\$PATH; \
 uv venv --allow-existing --python $python_version .venv; . .venv/bin/activate; \
-if [ -f requirements.txt ]; then uv pip install -r requirements.txt; fi; \
-uv pip install -e .; \
+uv pip install -c requirements.lock -e .; \
 uv pip install \"jax[tpu]==\$(python -c 'import jax; print(jax.__version__)')\""
 
 # nohup and a detached shell keep training alive if this script's ssh session drops;

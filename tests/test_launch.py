@@ -60,7 +60,7 @@ def test_tpu_vm_dry_run_creates_installs_trains_streams_and_deletes():
   assert any(c.startswith('gcloud compute tpus tpu-vm scp ') and '--worker=all' in c
              for c in commands)
   install = [c for c in commands if c.startswith(f'{ssh} --worker=all') and 'uv pip' in c]
-  assert install and 'uv pip install -e .' in install[0] and 'jax[tpu]==' in install[0]
+  assert install and 'uv pip install -c requirements.lock -e .' in install[0] and 'jax[tpu]==' in install[0]
   start = [c for c in commands if 'python -m pipeline.main' in c]
   assert len(start) == 1 and start[0].startswith(f'{ssh} --worker=all')
   # The same command on every worker, no coordinator flags: JAX detects the TPU VM.
