@@ -3,7 +3,7 @@ to >= 93% test accuracy within 15 minutes; small ResNets are slower per point he
 
 Command:  python -m pipeline.main --config=configs/default.py --workdir=workdir
 Hardware: 2-core CPU (one device).
-Expected: about 93.5% test accuracy on all 10k test images, 10-12 minutes wall.
+Expected: about 93.4% test accuracy on all 10k test images, about 12 minutes wall.
 Variant `:smoke` trains 30 steps for the tests.
 """
 

@@ -48,6 +48,7 @@ def get_config(variant: str | None = None):
     config.model.width = 8
     config.model.dtype = 'float32'
     config.train.num_epochs = 0.0
+    config.optimizer.warmup_steps = 1
     config.train.num_steps = 3
     config.train.global_batch_size = 16
     config.eval.batch_size = 64

@@ -32,6 +32,16 @@ def test_config_files_load_and_validate(path):
       config_lib.validate(config, num_devices=8, num_processes=1)
 
 
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_smoke_variants_build_a_trainer(path):
+  """Data, model, optimizer and compiled steps build (nothing runs): catches configs whose
+  keys are valid alone but not together, e.g. warmup longer than the run."""
+  from pipeline import train  # pylint: disable=import-outside-toplevel
+  config = _load(path, 'smoke')
+  trainer = train.Trainer(config, workdir=None)
+  assert trainer.num_steps > config.optimizer.warmup_steps
+
+
 def test_every_file_has_documented_command():
   for path in CONFIG_FILES:
     text = open(path, encoding='utf-8').read()
