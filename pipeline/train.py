@@ -151,6 +151,68 @@ def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool) -> dict[st
   return metrics
 
 
+class TrainWindow:
+  """Train metrics of the steps since the last write, fetched one step late.
+
+  `push` reads step N-1's metrics after step N is dispatched, so the host never waits
+  for the device and at most two steps are in flight (more can abort XLA's CPU
+  rendezvous). The first push blocks once, to time the compile.
+  """
+
+  def __init__(self, trainer: Trainer, clock: goodput.Goodput):
+    self.trainer, self.clock = trainer, clock
+    self.records, self.pending, self.flops = [], None, None
+    self.step_seconds = 0.0
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.wait_start = time.perf_counter(), self.clock.seconds['data_wait']
+
+  def push(self, metrics: Any, step: int, state: steps.TrainState, batch: Any) -> None:
+    if self.flops is None:
+      with self.clock.timing('compile'):
+        jax.block_until_ready(metrics)
+      self.flops = _flops_per_step(self.trainer, state, batch) or 0.0
+      self.restart()
+    self.drain()
+    self.pending = (metrics, step)
+
+  def drain(self) -> None:
+    """Fetches the pending step's metrics now (a non-finite loss raises here)."""
+    if self.pending is not None:
+      self.records.append(_host_metrics(self.trainer.parallel, *self.pending))
+      self.pending = None
+
+  def flush(self) -> dict[str, float]:
+    """Means over the window plus throughput; starts a new window."""
+    self.drain()
+    elapsed = time.perf_counter() - self.start
+    self.step_seconds = elapsed / len(self.records)
+    scalars = {k: float(np.mean([r[k] for r in self.records])) for k in self.records[0]}
+    scalars.update({
+        'train/learning_rate': self.records[-1]['train/learning_rate'],
+        'perf/examples_per_sec': self.trainer.config.train.global_batch_size
+                                 / self.step_seconds,
+        'perf/flops_per_sec': self.flops / self.step_seconds,
+        'perf/data_wait_fraction':
+            (self.clock.seconds['data_wait'] - self.wait_start) / elapsed})
+    self.records = []
+    self.restart()
+    return scalars
+
+
+def _hooks(config, trainer: Trainer, writer, workdir: str) -> list[Any]:
+  """Progress (steps/s, ETA) and the optional profile window; starts a profiler server."""
+  hooks = [periodic_actions.ReportProgress(num_train_steps=trainer.num_steps, writer=writer)]
+  if config.profile.start_step >= 0:
+    hooks.append(periodic_actions.Profile(
+        logdir=workdir, first_profile=config.profile.start_step,
+        num_profile_steps=config.profile.num_steps))
+  if config.profile.server_port:
+    jax.profiler.start_server(config.profile.server_port)
+  return hooks
+
+
 def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   """Trains `config` in `workdir`, evaluating every `eval_every_steps` and at the end.
 
@@ -171,60 +233,31 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                trainer.parallel.describe())
   if lead:
     _write_start_summaries(trainer, writer, start_step)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=trainer.num_steps,
-                                           writer=writer if lead else None)]
-  if config.profile.start_step >= 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile.start_step,
-                                          num_profile_steps=config.profile.num_steps))
-  if config.profile.server_port:
-    jax.profiler.start_server(config.profile.server_port)
+  hooks = _hooks(config, trainer, writer if lead else None, workdir)
   stop, early = preemption.StopRequest(ckpt.reached_preemption), EarlyStopping(config)
-  cfg, batch_size = config.train, config.train.global_batch_size
-  window, pending, stopping, flops = [], None, False, None
-  window_start, wait_start, step_seconds = time.perf_counter(), 0.0, 0.0
+  window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
     with clock.timing('data_wait'):
       batch = trainer.parallel.shard_batch(next(train_iter))
     state, metrics = trainer.train_step(state, batch)
-    if flops is None:  # The first step compiles: block on it once to time that.
-      with clock.timing('compile'):
-        jax.block_until_ready(metrics)
-      flops = _flops_per_step(trainer, state, batch)
-      window_start, wait_start = time.perf_counter(), clock.seconds['data_wait']
-    # Read the previous step's metrics only now, after this step is dispatched: the host
-    # never waits for the device, and at most two steps are ever in flight.
-    if pending is not None:
-      window.append(_host_metrics(trainer.parallel, *pending))
-    pending = (metrics, step)
+    window.push(metrics, step, state, batch)  # Reads the previous step's metrics.
     for hook in hooks:
       hook(step)
     last, stopping = step == trainer.num_steps, stop.should_stop(step)
     if step % cfg.log_every_steps == 0 or last or stopping:
-      window.append(_host_metrics(trainer.parallel, *pending))
-      pending, elapsed = None, time.perf_counter() - window_start
-      step_seconds = elapsed / len(window)
-      scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      scalars.update({'train/learning_rate': window[-1]['train/learning_rate'],
-                      'perf/examples_per_sec': batch_size / step_seconds,
-                      'perf/flops_per_sec': (flops or 0.0) / step_seconds,
-                      'perf/data_wait_fraction':
-                          (clock.seconds['data_wait'] - wait_start) / elapsed,
-                      **clock.scalars()})
-      writer.write_scalars(step, scalars)
-      window, window_start, wait_start = [], time.perf_counter(), clock.seconds['data_wait']
+      writer.write_scalars(step, {**window.flush(), **clock.scalars()})
     eval_metrics = None
     if step % cfg.eval_every_steps == 0 or last:
       eval_metrics = _evaluate(trainer, state, writer, step, lead)
       stopping = early.update(eval_metrics) or stopping
-      window_start = time.perf_counter()  # Eval time is not training throughput.
+      window.restart()  # Eval time is not training throughput.
     if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
-      if pending is not None:  # Never write a checkpoint of a state whose loss is not finite.
-        window.append(_host_metrics(trainer.parallel, *pending))
-        pending = None
+      window.drain()  # Never write a checkpoint of a state whose loss is not finite.
       with clock.timing('checkpoint'):
         ckpt.save(step, trainer.parallel.for_saving(state), train_iter.get_state(),
-                  {'goodput': clock.state(), 'step_seconds': step_seconds}, eval_metrics)
+                  {'goodput': clock.state(), 'step_seconds': window.step_seconds},
+                  eval_metrics)
     if stopping:
       logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
                       stop.signal_name or ('early stopping' if early.bad_evals else

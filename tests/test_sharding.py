@@ -7,6 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import fashion_mnist_cnn
 from configs import rotten_tomatoes_lstm
+from pipeline import reporting
 from pipeline import train
 
 
@@ -87,3 +88,26 @@ def test_jit_and_pmap_agree(model):
   saved = trainer.parallel.for_saving(pmap_state)
   for a, b in zip(jax.tree.leaves(saved.batch_stats), jax.tree.leaves(jit_state.batch_stats)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_pmap_checkpoint_resumes_under_jit(tmp_path):
+  # A constant schedule: the pmap leg's shorter num_steps must not change the lr.
+  config = _config('cnn_bn', **{'train.num_steps': 8, 'train.log_every_steps': 1,
+                                'optimizer.schedule': 'constant',
+                                'checkpoint.every_steps': 4, 'train.eval_every_steps': 8})
+  reference = str(tmp_path / 'jit')
+  train.train_and_evaluate(config, reference)
+  mixed = str(tmp_path / 'pmap_then_jit')
+  pmap_config = _config('cnn_bn', **{'train.num_steps': 4, 'train.log_every_steps': 1,
+                                     'optimizer.schedule': 'constant',
+                                     'checkpoint.every_steps': 4,
+                                     'train.eval_every_steps': 4, 'parallelism': 'pmap'})
+  train.train_and_evaluate(pmap_config, mixed)
+  state = train.train_and_evaluate(config, mixed)  # Resumes step 4 under jit.
+  assert int(jax.device_get(state.step)) == 8
+  losses = lambda w: {r['step']: r['train/loss'] for r in reporting.read_jsonl(w)
+                      if 'train/loss' in r}
+  mixed_losses, ref_losses = losses(mixed), losses(reference)
+  assert sorted(mixed_losses) == list(range(1, 9))
+  np.testing.assert_allclose([mixed_losses[s] for s in range(1, 9)],
+                             [ref_losses[s] for s in range(1, 9)], rtol=1e-5)
