@@ -71,6 +71,18 @@ class Trainer:
     self.predict_step = self.parallel.compile_predict_step(steps.predict_step,
                                                            self.abstract_state)
 
+  def compile_train_step(self, state: steps.TrainState, batch: Any) -> float:
+    """Compiles the step for these shapes ahead of time; returns its model FLOPs.
+
+    Calling the compiled executable can never retrace or recompile, and XLA's cost
+    analysis of it gives the FLOPs per step.
+    """
+    compiled = self.train_step.lower(state, batch).compile()
+    self.train_step = compiled
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get('flops', 0.0))
+
   def evaluate(self, state: steps.TrainState, split: str | None = None) -> dict[str, float]:
     batches = self.data.eval_batches() if split is None else self.data.split_batches(split)
     prefix = 'eval' if split is None else split
@@ -156,24 +168,19 @@ class TrainWindow:
 
   `push` reads step N-1's metrics after step N is dispatched, so the host never waits
   for the device and at most two steps are in flight (more can abort XLA's CPU
-  rendezvous). The first push blocks once, to time the compile.
+  rendezvous).
   """
 
   def __init__(self, trainer: Trainer, clock: goodput.Goodput):
     self.trainer, self.clock = trainer, clock
-    self.records, self.pending, self.flops = [], None, None
+    self.records, self.pending, self.flops = [], None, 0.0
     self.step_seconds = 0.0
     self.restart()
 
   def restart(self) -> None:
     self.start, self.wait_start = time.perf_counter(), self.clock.seconds['data_wait']
 
-  def push(self, metrics: Any, step: int, state: steps.TrainState, batch: Any) -> None:
-    if self.flops is None:
-      with self.clock.timing('compile'):
-        jax.block_until_ready(metrics)
-      self.flops = _flops_per_step(self.trainer, state, batch) or 0.0
-      self.restart()
+  def push(self, metrics: Any, step: int) -> None:
     self.drain()
     self.pending = (metrics, step)
 
@@ -205,9 +212,11 @@ def _hooks(config, trainer: Trainer, writer, workdir: str) -> list[Any]:
   """Progress (steps/s, ETA) and the optional profile window; starts a profiler server."""
   hooks = [periodic_actions.ReportProgress(num_train_steps=trainer.num_steps, writer=writer)]
   if config.profile.start_step >= 0:
+    # Steps only: CLU's default also waits 3 s, which a fast run may never reach.
     hooks.append(periodic_actions.Profile(
         logdir=workdir, first_profile=config.profile.start_step,
-        num_profile_steps=config.profile.num_steps))
+        num_profile_steps=config.profile.num_steps, profile_duration_ms=None,
+        every_secs=None))
   if config.profile.server_port:
     jax.profiler.start_server(config.profile.server_port)
   return hooks
@@ -240,8 +249,12 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
     with clock.timing('data_wait'):
       batch = trainer.parallel.shard_batch(next(train_iter))
+    if step == start_step + 1:
+      with clock.timing('compile'):
+        window.flops = trainer.compile_train_step(state, batch)
+      window.restart()
     state, metrics = trainer.train_step(state, batch)
-    window.push(metrics, step, state, batch)  # Reads the previous step's metrics.
+    window.push(metrics, step)  # Reads the previous step's metrics.
     for hook in hooks:
       hook(step)
     last, stopping = step == trainer.num_steps, stop.should_stop(step)
@@ -275,16 +288,6 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   ckpt.close()
   writer.close()
   return state
-
-
-def _flops_per_step(trainer: Trainer, state, batch) -> float | None:
-  """Model FLOPs of one step from XLA's cost analysis of the lowered step (no recompile)."""
-  try:
-    cost = trainer.train_step.lower(state, batch).cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # pmap lowering needs concrete shapes.
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) if cost else None
 
 
 def _evaluate_final_split(trainer: Trainer, ckpt: checkpoint.Checkpointer, writer) -> None:
