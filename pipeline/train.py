@@ -191,7 +191,7 @@ class TrainWindow:
       self.pending = None
 
   def flush(self) -> dict[str, float]:
-    """Means over the window plus throughput; starts a new window."""
+    """Means over the window plus throughput; `restart` begins the next window."""
     self.drain()
     elapsed = time.perf_counter() - self.start
     self.step_seconds = elapsed / len(self.records)
@@ -204,7 +204,6 @@ class TrainWindow:
         'perf/data_wait_fraction':
             (self.clock.seconds['data_wait'] - self.wait_start) / elapsed})
     self.records = []
-    self.restart()
     return scalars
 
 
@@ -234,6 +233,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
   with clock.timing('restore'):
     state, train_iter, meta = restore_or_init(trainer, ckpt)
+  logging.info('Restore or init took %.2f s.', clock.seconds['restore'])
   start_step = trainer.parallel.host_step(state)
   clock.resume(meta.get('goodput', {}))
   lost_steps = _lost_steps(workdir, start_step)
@@ -250,8 +250,11 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     with clock.timing('data_wait'):
       batch = trainer.parallel.shard_batch(next(train_iter))
     if step == start_step + 1:
-      with clock.timing('compile'):
-        window.flops = trainer.compile_train_step(state, batch)
+      compile_start = time.perf_counter()
+      window.flops = trainer.compile_train_step(state, batch)
+      clock.add('compile', time.perf_counter() - compile_start)
+      logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).',
+                   time.perf_counter() - compile_start, window.flops)
       window.restart()
     state, metrics = trainer.train_step(state, batch)
     window.push(metrics, step)  # Reads the previous step's metrics.
@@ -260,6 +263,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     last, stopping = step == trainer.num_steps, stop.should_stop(step)
     if step % cfg.log_every_steps == 0 or last or stopping:
       writer.write_scalars(step, {**window.flush(), **clock.scalars()})
+      window.restart()
     eval_metrics = None
     if step % cfg.eval_every_steps == 0 or last:
       eval_metrics = _evaluate(trainer, state, writer, step, lead)
