@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from pipeline import multihost
+from pipeline import optim
 
 # Keys that may change between a run and its resume without --config.checkpoint.
 # allow_config_change: durations, cadences, logging, and the topology (elastic resume).
@@ -211,8 +212,7 @@ def init_from(config: ml_collections.ConfigDict, fresh: Any) -> Any:
     source = _flatten(saved.get(collection) or {})
     def leaf(key_path, value):
       path = jax.tree_util.keystr(key_path, simple=True, separator='/')
-      if prefixes and not any(path == p or path.startswith(p.rstrip('/') + '/')
-                              for p in prefixes):
+      if prefixes and not optim.under_any(path, prefixes):
         return value
       if path not in source:
         kept.append(f'{collection}/{path} (absent in source)')

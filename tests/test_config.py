@@ -50,12 +50,7 @@ def test_every_file_has_documented_command():
 
 def _base(**overrides):
   config = config_lib.base_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -20,12 +20,7 @@ from pipeline import train
 def _smoke(**overrides):
   config = fashion_mnist_cnn.get_config('smoke')
   config.train.log_every_steps = 5
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -29,12 +29,7 @@ def _config(model='cnn', **overrides):
     config.model.dropout_rate = 0.0  # Dropout masks are drawn per device under pmap.
   config.train.global_batch_size = 32
   config.optimizer.warmup_steps = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -23,9 +23,7 @@ def _config(classes, steps, **overrides):
   config.train.eval_every_steps = steps
   config.checkpoint.every_steps = steps
   config.optimizer.learning_rate = 3e-3
-  for key, value in overrides.items():
-    section, name = key.split('.') if '.' in key else (None, key)
-    (config[section] if section else config)[name] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
