@@ -109,7 +109,7 @@ def measure(args) -> dict:
     returned = time.perf_counter()
     blocks.append(returned - start)
     steps_inside = 0
-    while async_ckpt.manager.is_saving_in_progress():
+    while async_ckpt.saving():
       stepper.step()
       steps_inside += 1
     stepper.settle()

@@ -133,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = 'eval/accuracy'  # Metric that picks the best checkpoint.
   c.checkpoint.best_mode = 'max'  # 'max' or 'min' for best_metric.
   c.checkpoint.async_save = True  # Save in the background while training goes on.
+  # Async, one process: copy the state on the devices and hand the copy to Orbax from a
+  # save thread, so the loop does not wait for the host transfer. Holds a second copy of
+  # the state in device memory until it is on the host; False when it does not fit twice.
+  c.checkpoint.device_snapshot = True
   c.checkpoint.allow_config_change = False  # Resume even if non-allow-listed keys changed.
 
   c.init_from = ''  # Checkpoint dir whose params initialize this run ('' = fresh init).

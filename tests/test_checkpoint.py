@@ -220,3 +220,49 @@ def test_changed_key_on_resume_fails_the_run(reference, tmp_path):
   assert proc.returncode != 0
   assert 'optimizer.learning_rate: 0.001 -> 0.5' in out, out[-3000:]
   assert max(_losses(workdir)) == NUM_STEPS  # Nothing trained, nothing overwritten.
+
+
+def _sharded_state():
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  weights = np.arange(64 * 1000, dtype=np.float32).reshape(64, 1000)
+  return {'w': jax.device_put(weights, NamedSharding(mesh, PartitionSpec('data'))),
+          'step': jax.device_put(np.int32(3))}
+
+
+@pytest.mark.parametrize('device_snapshot', [True, False])
+def test_save_holds_the_state_of_the_call(tmp_path, device_snapshot):
+  """save() returns before the state is on disk and the loop donates the state to the next
+  step at once: what is written must be the state as it was when save() was called."""
+  import jax
+  config = config_lib.base_config()
+  config.checkpoint.device_snapshot = device_snapshot
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), config)
+  state = _sharded_state()
+  expected = jax.device_get(state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  step_fn = jax.jit(lambda s: jax.tree.map(lambda x: x * 2 + 1, s), donate_argnums=0)
+  ckpt.save(3, state, {'position': 3}, {})
+  for _ in range(3):
+    state = step_fn(state)  # Donates (and so invalidates) the saved buffers.
+  ckpt.wait_until_finished()
+  restored, data, _ = ckpt.restore(abstract)
+  ckpt.close()
+  np.testing.assert_array_equal(jax.device_get(restored['w']), expected['w'])
+  assert int(restored['step']) == 3 and data == {'position': 3}
+  assert restored['w'].sharding == abstract['w'].sharding
+
+
+@pytest.mark.parametrize('device_snapshot', [True, False])
+def test_failed_background_save_names_the_step(tmp_path, device_snapshot):
+  config = config_lib.base_config()
+  config.checkpoint.device_snapshot = device_snapshot
+  directory = tmp_path / 'checkpoints'
+  ckpt = checkpoint.Checkpointer(str(directory), config)
+  shutil.rmtree(directory)
+  directory.write_text('a file where the checkpoint directory was')
+  with pytest.raises(checkpoint.CheckpointError, match=r'Saving checkpoint step 5 in .*checkpoints'):
+    ckpt.save(5, _sharded_state(), {'position': 5}, {})
+    ckpt.wait_until_finished()
