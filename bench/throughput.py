@@ -8,7 +8,7 @@
 (--model resnet18 with both device counts takes ~6 min: (d) on 8 devices computes the whole
 batch on every device, ~7 s a step.)
 
-Four loops on the same model, devices, global batch and data, in examples/s:
+Five loops on the same model, devices, global batch and data, in examples/s:
   (a) ours     `train.train_and_evaluate` on real data through grain, with metrics and
                logging; the figure is the loop's own perf/examples_per_sec per log window
                (the value written to WORKDIR/metrics.jsonl). The first window holds the
@@ -22,8 +22,11 @@ Four loops on the same model, devices, global batch and data, in examples/s:
   (d) book     the whole batch replicated to every device with `jax_utils.replicate` each
                step (each device computes the full batch), metrics unreplicated and
                fetched every step.
+  (p) pmap     the step of (c) on one batch already on the devices, never waiting for its
+               metrics but to keep two steps in flight: the ceiling of (c). c/p is what
+               (c) loses to its per-step fetch, b/p how our compiled step compares.
 The variants run in rounds, interleaved (a, b, c, d, a, b, ...), because the 2 CPU cores
-are shared: (b), (c), (d) each run a timed segment after every log window of (a), from the
+are shared: (b), (c), (d), (p) each run a timed segment after every log window of (a), from the
 loop's metric writer, whose time the loop does not count (see
 `harness.interleaved_real_loop`). Each figure is the median over rounds, each ratio the
 median of the ratios paired within a round.
@@ -56,7 +59,7 @@ def parse_args(argv):
   parser.add_argument('--rounds', type=int, default=4, help='interleaved rounds per variant')
   parser.add_argument('--seconds', type=float, default=2.0,
                       help='timed seconds per variant per round (the real loop: per window)')
-  parser.add_argument('--variants', default='abcd', help='subset of a, b, c, d to run')
+  parser.add_argument('--variants', default='abcdp', help='subset of a, b, c, d, p to run')
   parser.add_argument('--keep', action='store_true', help='keep the temporary workdirs')
   return parser.parse_args(argv)
 
@@ -87,25 +90,31 @@ def flax_example_train_step(state, batch, *, num_classes: int):
   return new_state, jax.lax.pmean(metrics, axis_name='batch')
 
 
-class BareLoop:
-  """(b) The compiled step of `Trainer` on one batch already on the devices."""
+class ResidentLoop:
+  """A compiled step on one batch already on the devices, at most two steps in flight."""
 
-  def __init__(self, trainer):
+  def __init__(self, step_fn, state, batch):
     import jax
     self._jax = jax
-    self._step_fn = trainer.train_step
-    self.state = trainer.parallel.init_state(trainer.init_fn)
-    self.batch = trainer.parallel.shard_batch(next(trainer.data.train_iter(0)))
+    self._step_fn, self.state, self.batch = step_fn, state, batch
     self._previous = None
 
   def step(self):
     self.state, metrics = self._step_fn(self.state, self.batch)
-    if self._previous is not None:  # At most two steps in flight.
+    if self._previous is not None:
       self._jax.block_until_ready(self._previous)
     self._previous = metrics
 
   def drain(self):
     self._jax.block_until_ready(self.state)
+
+
+class BareLoop(ResidentLoop):
+  """(b) The compiled step of `Trainer` on one batch already on the devices."""
+
+  def __init__(self, trainer):
+    super().__init__(trainer.train_step, trainer.parallel.init_state(trainer.init_fn),
+                     trainer.parallel.shard_batch(next(trainer.data.train_iter(0))))
 
 
 class PmapLoop:
@@ -149,6 +158,17 @@ class PmapLoop:
     self._host_batches.close()
 
 
+class PmapBareLoop(ResidentLoop):
+  """(p) The step of (c) on a device-resident batch, at most two steps in flight."""
+
+  def __init__(self, flax_loop: PmapLoop):
+    import jax
+    # pylint: disable=protected-access
+    super().__init__(flax_loop._step_fn,
+                     jax.tree.map(lambda x: x.copy(), flax_loop.state),  # (c) donates its own.
+                     next(flax_loop._device_batches))
+
+
 def measure(args) -> dict:
   import jax
   from pipeline import train
@@ -164,8 +184,10 @@ def measure(args) -> dict:
   bare = BareLoop(trainer)
   flops = harness.compiled_flops(trainer.train_step, bare.state, bare.batch)
   loops = {'b': bare}
-  if 'c' in args.variants:
+  if 'c' in args.variants or 'p' in args.variants:
     loops['c'] = PmapLoop(config, trainer, whole_batch=False)
+  if 'p' in args.variants:
+    loops['p'] = PmapBareLoop(loops['c'])
   if 'd' in args.variants:
     loops['d'] = PmapLoop(config, trainer, whole_batch=True)
   for loop in loops.values():  # Compile and warm up outside the timed segments.
@@ -175,7 +197,7 @@ def measure(args) -> dict:
   steps_b, elapsed_b = harness.timed_steps(bare.step, 0.5, finish=bare.drain)
   window = max(5, math.ceil(args.seconds * steps_b / elapsed_b))
 
-  figures = {v: [] for v in 'abcd'}
+  figures = {v: [] for v in 'abcdp'}
   peaks, waits = [], []
 
   def segment(round_index: int, scalars: dict) -> None:
@@ -185,7 +207,7 @@ def measure(args) -> dict:
       figures['a'].append(scalars['perf/examples_per_sec'])
       waits.append(scalars['perf/data_wait_fraction'])
       line.append(f'a {figures["a"][-1]:,.0f} ex/s ({window} steps)')
-    for variant in 'bcd':
+    for variant in 'bcdp':
       if variant in args.variants:
         loop = loops[variant]
         steps, elapsed = harness.timed_steps(loop.step, args.seconds, finish=loop.drain)
@@ -205,7 +227,7 @@ def measure(args) -> dict:
   if not args.keep:
     shutil.rmtree(root, ignore_errors=True)
 
-  med = {v: harness.median(figures[v]) for v in 'abcd'}
+  med = {v: harness.median(figures[v]) for v in 'abcdp'}
 
   def ratio(x, y):  # Paired within each round (same load on the shared cores), then median.
     return harness.median([p / q for p, q in zip(figures[x], figures[y])])
@@ -215,8 +237,9 @@ def measure(args) -> dict:
 
   return {
       'model': args.model, 'devices': devices, 'batch': batch_size,
-      'a': med['a'], 'b': med['b'], 'c': med['c'], 'd': med['d'],
+      'a': med['a'], 'b': med['b'], 'c': med['c'], 'd': med['d'], 'p': med['p'],
       'a/b': ratio('a', 'b'), 'a/c': ratio('a', 'c'), 'a/d': ratio('a', 'd'),
+      'c/p': ratio('c', 'p'), 'b/p': ratio('b', 'p'),
       'data_wait_a': harness.median(waits), 'flops_per_step': flops,
       'peak': harness.median(peaks), 'flops_a': flops * med['a'] / batch_size,
       'flops_b': flops * med['b'] / batch_size, 'mfu_a': mfu('a'), 'mfu_b': mfu('b'),
@@ -231,6 +254,10 @@ def report(results: list[dict]) -> None:
       [[r['devices'], r['a'], r['b'], r['c'], r['d'], r['a/b'], r['a/c'], r['a/d']]
        for r in results],
       ['devices', '(a) ours', '(b) bare', '(c) flax', '(d) book', 'a/b', 'a/c', 'a/d']))
+  print('\nThe ceiling of (c): its step on a device-resident batch, no per-step fetch')
+  print(harness.table(
+      [[r['devices'], r['p'], r['c/p'], r['b/p']] for r in results],
+      ['devices', '(p) pmap step', 'c/p (lost to the fetch)', 'b/p (our step vs it)']))
   print('\nModel FLOP/s (FLOPs/step from cost_analysis x steps/s) / f32 matmul peak')
   print(harness.table(
       [[r['devices'], r['flops_per_step'] / 1e9, r['flops_a'] / 1e9, r['flops_b'] / 1e9,

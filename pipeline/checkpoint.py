@@ -32,7 +32,7 @@ RESUMABLE_KEYS = (
     'checkpoint.device_snapshot',
     'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',
     'mesh.data', 'mesh.fsdp', 'parallelism', 'fsdp', 'data.num_workers',
-    'data.prefetch_threads', 'debug_nans', 'data.path', 'data.eval_path',
+    'data.prefetch_threads', 'data.device_prefetch', 'debug_nans', 'data.path', 'data.eval_path',
     'data.tfds_data_dir', 'predict.input', 'predict.output', 'predict.batch_size',
     'early_stopping.patience', 'early_stopping.min_delta', 'profile.start_step',
     'profile.num_steps', 'profile.server_port', 'eval.final_split')
@@ -137,7 +137,11 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta))
     self._in_flight_step = step
     if self._saver is None:
-      self.manager.save(step, args=args, metrics=metrics, force=True)
+      try:
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
+                              f'{e}') from e
     else:
       self._submitted = self._saver.submit(self.manager.save, step, args=args,
                                            metrics=metrics, force=True)

@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_shape = (28, 28, 1)  # synthetic: shape of one input.
   c.data.num_workers = 0  # grain worker processes (0 = read in the main process).
   c.data.prefetch_threads = 2  # grain read threads feeding the batcher in the main process.
+  # Train batches put on the devices ahead of the step, from a thread (0 = in the loop).
+  c.data.device_prefetch = 2
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'  # One of MODELS.
@@ -238,6 +240,8 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
       'model.hidden_size', 'model.embed_dim', 'predict.batch_size', 'early_stopping.patience',
       'profile.num_steps')
+  if config.data.device_prefetch < 0:
+    _fail('data.device_prefetch', config.data.device_prefetch, 'must be >= 0 (0 = no thread)')
   if config.train.num_epochs < 0:
     _fail('train.num_epochs', config.train.num_epochs, 'must be >= 0 (0 = use num_steps)')
   if config.train.num_epochs == 0:

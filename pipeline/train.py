@@ -11,6 +11,7 @@ from typing import Any
 from absl import logging
 from clu import periodic_actions
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pipeline import checkpoint
@@ -21,6 +22,7 @@ from pipeline import models
 from pipeline import optim
 from pipeline import plots
 from pipeline import preemption
+from pipeline import prefetch
 from pipeline import reporting
 from pipeline import sharding
 from pipeline import steps
@@ -35,14 +37,25 @@ def num_train_steps(config, train_size: int) -> int:
   return config.train.num_steps
 
 
-def _host_metrics(parallel, metrics: Any, step: int) -> dict[str, float]:
-  """Fetches a step's metrics; a non-finite loss stops the run naming the step."""
-  values = {f'train/{k}': float(v) for k, v in parallel.host_metrics(metrics).compute().items()}
-  if not np.isfinite(values['train/loss']):
+def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, float]]:
+  """Fetches the metrics of a window of steps at once; a non-finite loss stops the run,
+  naming the first step that had one."""
+  window_steps = [step for step, _ in window]
+  # One transfer per metric field, not one per field per step: each step's fields are
+  # stacked on the devices along a last axis (after pmap's leading device axis).
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *[m for _, m in window])
+  fetched = parallel.host_metrics(stacked)
+  # Each metric's own compute() (Average: total / count) works elementwise on the stacked
+  # fields; the Collection's compute() would refuse the stacked reduction counter.
+  values = {f'train/{k}': np.asarray(metric.compute(), np.float64)
+            for k, metric in vars(fetched).items() if not k.startswith('_')}
+  bad = np.flatnonzero(~np.isfinite(values['train/loss']))
+  if bad.size:
     raise FloatingPointError(
-        f'Non-finite training loss {values["train/loss"]} at step {step}; stopping. '
-        'Lower optimizer.learning_rate or set config.debug_nans=True to find the op.')
-  return values
+        f'Non-finite training loss {values["train/loss"][bad[0]]} at step '
+        f'{window_steps[bad[0]]}; stopping. Lower optimizer.learning_rate or set '
+        'config.debug_nans=True to find the op.')
+  return [{k: float(v[i]) for k, v in values.items()} for i in range(len(window_steps))]
 
 
 class Trainer:
@@ -165,16 +178,19 @@ def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool) -> dict[st
 
 
 class TrainWindow:
-  """Train metrics of the steps since the last write, fetched one step late.
+  """Train metrics of the steps since the last write, left on the devices until then.
 
-  `push` reads step N-1's metrics after step N is dispatched, so the host never waits
-  for the device and at most two steps are in flight (more can abort XLA's CPU
-  rendezvous).
+  A fetch per step makes the host wait for every step, and on an accelerator the wait and
+  the transfers cost more than a small model's step (bench/gpu_loops.py). `push` only
+  waits for the step `IN_FLIGHT` back, so the host stays that far ahead and no further
+  (about 30 queued steps with collectives aborted XLA's CPU rendezvous); `drain` fetches
+  the window in one transfer and checks the losses.
   """
+  IN_FLIGHT = 3
 
   def __init__(self, trainer: Trainer, clock: goodput.Goodput):
     self.trainer, self.clock = trainer, clock
-    self.records, self.pending, self.flops = [], None, 0.0
+    self.records, self.pending, self.flops = [], [], 0.0
     self.step_seconds = 0.0
     self.restart()
 
@@ -182,14 +198,15 @@ class TrainWindow:
     self.start, self.wait_start = time.perf_counter(), self.clock.seconds['data_wait']
 
   def push(self, metrics: Any, step: int) -> None:
-    self.drain()
-    self.pending = (metrics, step)
+    self.pending.append((step, metrics))
+    if len(self.pending) > self.IN_FLIGHT:
+      jax.block_until_ready(self.pending[-self.IN_FLIGHT - 1][1])
 
   def drain(self) -> None:
-    """Fetches the pending step's metrics now (a non-finite loss raises here)."""
-    if self.pending is not None:
-      self.records.append(_host_metrics(self.trainer.parallel, *self.pending))
-      self.pending = None
+    """Fetches the pending steps' metrics now (a non-finite loss raises here)."""
+    if self.pending:
+      self.records.extend(_host_metrics(self.trainer.parallel, self.pending))
+      self.pending = []
 
   def flush(self) -> dict[str, float]:
     """Means over the window plus throughput; `restart` begins the next window."""
@@ -247,9 +264,16 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   stop, early = preemption.StopRequest(ckpt.reached_preemption), EarlyStopping(config)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
+  if config.data.device_prefetch:
+    train_iter = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
+                                         config.data.device_prefetch)
+    put = lambda batch: batch
+  else:
+    put = trainer.parallel.shard_batch
+
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
     with clock.timing('data_wait'):
-      batch = trainer.parallel.shard_batch(next(train_iter))
+      batch = put(next(train_iter))
     if step == start_step + 1:
       compile_start = time.perf_counter()
       window.flops = trainer.compile_train_step(state, batch)
@@ -258,7 +282,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                    time.perf_counter() - compile_start, window.flops)
       window.restart()
     state, metrics = trainer.train_step(state, batch)
-    window.push(metrics, step)  # Reads the previous step's metrics.
+    window.push(metrics, step)
     for hook in hooks:
       hook(step)
     last, stopping = step == trainer.num_steps, stop.should_stop(step)
@@ -267,6 +291,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       window.restart()
     eval_metrics = None
     if step % cfg.eval_every_steps == 0 or last:
+      window.drain()  # A non-finite loss stops here, before an eval of a broken state.
       eval_metrics = _evaluate(trainer, state, writer, step, lead)
       stopping = early.update(eval_metrics) or stopping
       window.restart()  # Eval time is not training throughput.
@@ -283,6 +308,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       break
 
   ckpt.wait_until_finished()
+  train_iter.close()
   stop.restore()
   if config.eval.final_split and (not stopping or early.bad_evals):
     _evaluate_final_split(trainer, ckpt, writer)

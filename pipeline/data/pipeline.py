@@ -109,7 +109,11 @@ class TrainIterator(grain.DatasetIterator):
     return self._step
 
   def get_state(self) -> dict[str, Any]:
-    return {'step': self._step, **self._fingerprint}
+    return self.state_at(self._step)
+
+  def state_at(self, step: int) -> dict[str, Any]:
+    """The state of this stream positioned at `step` (the iterator itself does not move)."""
+    return {'step': step, **self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
     for key, value in self._fingerprint.items():

@@ -1,0 +1,66 @@
+"""Puts the next train batches on the devices from a thread while the current step runs.
+
+Putting a host batch on an accelerator in the loop's own thread stalls the step dispatched
+after it: on one H100, the default CNN trained at 56k examples/s with the put inline and
+128k with it two batches ahead on a thread (batch 64; 574k vs 865k at batch 1024, where
+the step itself allows 880k). The batches and their order are those of the wrapped
+iterator, so the loop, and its checkpoints, see exactly what they saw without it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, TYPE_CHECKING
+
+if TYPE_CHECKING:  # Not imported at run time: bench/gpu_loops.py runs without grain.
+  from pipeline.data.pipeline import TrainIterator
+
+
+class DevicePrefetch:
+  """`next()` gives `put(batch)` for the batches of `host_iter`, `depth` of them made
+  ahead on a daemon thread. `get_state()` is the state after the batches `next()` has
+  returned (not those made ahead). An error of the iterator or of `put` is raised by the
+  `next()` that would have returned that batch."""
+
+  def __init__(self, host_iter: TrainIterator, put: Callable[[Any], Any],
+               depth: int = 2):
+    self._host_iter, self._put = host_iter, put
+    self._step = host_iter.step  # The step whose batch the next `next()` returns.
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, name='device_prefetch', daemon=True)
+    self._thread.start()
+
+  def _produce(self) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (self._put(next(self._host_iter)), None)
+      except Exception as e:  # pylint: disable=broad-except
+        item = (None, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[1] is not None:
+        return
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Any:
+    batch, error = self._queue.get()
+    if error is not None:
+      raise error
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._host_iter.state_at(self._step)
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+    self._host_iter.close()
