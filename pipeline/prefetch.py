@@ -19,9 +19,9 @@ if TYPE_CHECKING:  # Not imported at run time: bench/gpu_loops.py runs without g
 
 class DevicePrefetch:
   """`next()` gives `put(batch)` for the batches of `host_iter`, `depth` of them made
-  ahead on a daemon thread. `get_state()` is the state after the batches `next()` has
-  returned (not those made ahead). An error of the iterator or of `put` is raised by the
-  `next()` that would have returned that batch."""
+  ahead on a daemon thread (`depth` 0: made by `next()` itself, no thread). `get_state()`
+  is the state after the batches `next()` has returned (not those made ahead). An error of
+  the iterator or of `put` is raised by the `next()` that would have returned that batch."""
 
   def __init__(self, host_iter: TrainIterator, put: Callable[[Any], Any],
                depth: int = 2):
@@ -29,8 +29,11 @@ class DevicePrefetch:
     self._step = host_iter.step  # The step whose batch the next `next()` returns.
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, name='device_prefetch', daemon=True)
-    self._thread.start()
+    self._thread = None
+    if depth:
+      self._thread = threading.Thread(target=self._produce, name='device_prefetch',
+                                      daemon=True)
+      self._thread.start()
 
   def _produce(self) -> None:
     while not self._stop.is_set():
@@ -51,9 +54,12 @@ class DevicePrefetch:
     return self
 
   def __next__(self) -> Any:
-    batch, error = self._queue.get()
-    if error is not None:
-      raise error
+    if self._thread is None:
+      batch = self._put(next(self._host_iter))
+    else:
+      batch, error = self._queue.get()
+      if error is not None:
+        raise error
     self._step += 1
     return batch
 
@@ -62,5 +68,6 @@ class DevicePrefetch:
 
   def close(self) -> None:
     self._stop.set()
-    self._thread.join()
+    if self._thread is not None:
+      self._thread.join()
     self._host_iter.close()

@@ -195,10 +195,14 @@ class TrainWindow:
     self.restart()
 
   def restart(self) -> None:
+    """Restarts the clock (after a compile or an eval): throughput counts only the steps
+    pushed since; the metric means still cover every step since the last write."""
     self.start, self.wait_start = time.perf_counter(), self.clock.seconds['data_wait']
+    self.timed_steps = 0
 
   def push(self, metrics: Any, step: int) -> None:
     self.pending.append((step, metrics))
+    self.timed_steps += 1
     if len(self.pending) > self.IN_FLIGHT:
       jax.block_until_ready(self.pending[-self.IN_FLIGHT - 1][1])
 
@@ -212,7 +216,7 @@ class TrainWindow:
     """Means over the window plus throughput; `restart` begins the next window."""
     self.drain()
     elapsed = time.perf_counter() - self.start
-    self.step_seconds = elapsed / len(self.records)
+    self.step_seconds = elapsed / max(1, self.timed_steps)
     scalars = {k: float(np.mean([r[k] for r in self.records])) for k in self.records[0]}
     scalars.update({
         'train/learning_rate': self.records[-1]['train/learning_rate'],
@@ -264,16 +268,12 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   stop, early = preemption.StopRequest(ckpt.reached_preemption), EarlyStopping(config)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
-  if config.data.device_prefetch:
-    train_iter = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
-                                         config.data.device_prefetch)
-    put = lambda batch: batch
-  else:
-    put = trainer.parallel.shard_batch
+  batches = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
+                                    config.data.device_prefetch)
 
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
     with clock.timing('data_wait'):
-      batch = put(next(train_iter))
+      batch = next(batches)
     if step == start_step + 1:
       compile_start = time.perf_counter()
       window.flops = trainer.compile_train_step(state, batch)
@@ -298,7 +298,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
       window.drain()  # Never write a checkpoint of a state whose loss is not finite.
       with clock.timing('checkpoint'):
-        ckpt.save(step, trainer.parallel.for_saving(state), train_iter.get_state(),
+        ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
                   {'goodput': clock.state(), 'step_seconds': window.step_seconds},
                   eval_metrics)
     if stopping:
@@ -308,7 +308,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       break
 
   ckpt.wait_until_finished()
-  train_iter.close()
+  batches.close()
   stop.restore()
   if config.eval.final_split and (not stopping or early.bad_evals):
     _evaluate_final_split(trainer, ckpt, writer)

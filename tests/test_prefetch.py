@@ -23,10 +23,11 @@ def _data():
   return config, make_data(config, process_index=0, process_count=1)
 
 
-def test_same_batches_on_the_devices_and_state_of_the_loop():
+@pytest.mark.parametrize('depth', [3, 0])  # 0: no thread, each batch put by next().
+def test_same_batches_on_the_devices_and_state_of_the_loop(depth):
   config, data = _data()
   parallel = sharding.make_parallel(config)
-  batches = prefetch.DevicePrefetch(data.train_iter(5), parallel.shard_batch, depth=3)
+  batches = prefetch.DevicePrefetch(data.train_iter(5), parallel.shard_batch, depth=depth)
   got = [next(batches) for _ in range(4)]
   time.sleep(0.2)  # Let the thread run ahead as far as it can.
   state = batches.get_state()
@@ -44,7 +45,8 @@ def test_same_batches_on_the_devices_and_state_of_the_loop():
   batches.close()
 
 
-def test_error_is_raised_by_the_next_of_its_batch():
+@pytest.mark.parametrize('depth', [2, 0])
+def test_error_is_raised_by_the_next_of_its_batch(depth):
   _, data = _data()
   calls = []
 
@@ -54,7 +56,7 @@ def test_error_is_raised_by_the_next_of_its_batch():
       raise ValueError('bad batch 3 from put')
     return batch
 
-  batches = prefetch.DevicePrefetch(data.train_iter(0), put, depth=2)
+  batches = prefetch.DevicePrefetch(data.train_iter(0), put, depth=depth)
   next(batches)
   next(batches)
   with pytest.raises(ValueError, match='bad batch 3 from put'):

@@ -2,9 +2,11 @@
 
 import glob
 import os
+import types
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -13,7 +15,9 @@ from tensorboard.util import tensor_util
 from configs import fashion_mnist_cnn
 from configs import rotten_tomatoes_lstm
 from pipeline import config as config_lib
+from pipeline import goodput
 from pipeline import reporting
+from pipeline import sharding
 from pipeline import steps
 from pipeline import train
 
@@ -70,3 +74,31 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
   config.optimizer.name = 'sgd'
   with pytest.raises(FloatingPointError, match=r'Non-finite training loss .* at step \d+'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_window_throughput_counts_only_the_steps_since_restart(monkeypatch):
+  """An eval between two log steps restarts the clock: the next write's examples/s must
+  count the steps after the eval only, while its metric means cover the whole window."""
+  now = [0.0]
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
+  config = config_lib.base_config()
+  config.train.global_batch_size = 10
+  trainer = types.SimpleNamespace(config=config, parallel=sharding.Parallel(config))
+  window = train.TrainWindow(trainer, goodput.Goodput())
+
+  def push(step):
+    now[0] += 1.0  # Each step takes 1 s.
+    window.push(steps.TrainMetrics.single_from_model_output(
+        loss=jnp.float32(step), correct=jnp.float32(1.0), learning_rate=jnp.float32(0.1),
+        grad_norm=jnp.float32(1.0)), step)
+
+  for step in range(1, 5):
+    push(step)
+  window.drain()
+  now[0] += 100.0  # The eval.
+  window.restart()
+  for step in range(5, 7):
+    push(step)
+  scalars = window.flush()
+  assert scalars['perf/examples_per_sec'] == pytest.approx(10.0)  # 2 steps of 10 in 2 s.
+  assert scalars['train/loss'] == pytest.approx(3.5)  # The mean of steps 1..6.
