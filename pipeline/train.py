@@ -188,8 +188,8 @@ class TrainWindow:
   """
   IN_FLIGHT = 3
 
-  def __init__(self, trainer: Trainer, clock: goodput.Goodput):
-    self.trainer, self.clock = trainer, clock
+  def __init__(self, trainer: Trainer, clock: goodput.Goodput, now=time.perf_counter):
+    self.trainer, self.clock, self.now = trainer, clock, now
     self.records, self.pending, self.flops = [], [], 0.0
     self.step_seconds = 0.0
     self.restart()
@@ -197,7 +197,7 @@ class TrainWindow:
   def restart(self) -> None:
     """Restarts the clock (after a compile or an eval): throughput counts only the steps
     pushed since; the metric means still cover every step since the last write."""
-    self.start, self.wait_start = time.perf_counter(), self.clock.seconds['data_wait']
+    self.start, self.wait_start = self.now(), self.clock.seconds['data_wait']
     self.timed_steps = 0
 
   def push(self, metrics: Any, step: int) -> None:
@@ -215,7 +215,7 @@ class TrainWindow:
   def flush(self) -> dict[str, float]:
     """Means over the window plus throughput; `restart` begins the next window."""
     self.drain()
-    elapsed = time.perf_counter() - self.start
+    elapsed = self.now() - self.start
     self.step_seconds = elapsed / max(1, self.timed_steps)
     scalars = {k: float(np.mean([r[k] for r in self.records])) for k in self.records[0]}
     scalars.update({
