@@ -10,6 +10,7 @@ interrupted mid-write is never listed, never restored. Nothing here loads a pick
 from __future__ import annotations
 
 from concurrent import futures
+import contextlib
 import json
 import os
 import time
@@ -137,14 +138,20 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta))
     self._in_flight_step = step
     if self._saver is None:
-      try:
+      with self._naming_step(step):
         self.manager.save(step, args=args, metrics=metrics, force=True)
-      except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
-                              f'{e}') from e
     else:
       self._submitted = self._saver.submit(self.manager.save, step, args=args,
                                            metrics=metrics, force=True)
+
+  @contextlib.contextmanager
+  def _naming_step(self, step: int | None):
+    """Re-raises an error of saving `step` as a CheckpointError naming it and the directory."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
+                            f'{e}') from e
 
   def saving(self) -> bool:
     """Whether a save is still being taken or written (never blocks)."""
@@ -155,29 +162,19 @@ class Checkpointer:
     """Waits until Orbax has taken the submitted save (not until it is written)."""
     submitted, self._submitted = self._submitted, None
     if submitted is not None:
-      try:
+      with self._naming_step(self._in_flight_step):
         submitted.result()
-      except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f'Saving checkpoint step {self._in_flight_step} in '
-                              f'{self.directory} failed: {e}') from e
 
   def _check_previous(self) -> None:
     step, self._in_flight_step = self._in_flight_step, None
-    try:
+    with self._naming_step(step):
       self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
-                            f'{e}') from e
 
   def wait_until_finished(self) -> None:
     """Blocks until the in-flight save is committed; raises naming its step if it failed."""
     self._wait_submitted()
-    step = self._in_flight_step
-    try:
+    with self._naming_step(self._in_flight_step):
       self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
-                            f'{e}') from e
     self._check_previous()
 
   def close(self) -> None:

@@ -277,9 +277,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     if step == start_step + 1:
       compile_start = time.perf_counter()
       window.flops = trainer.compile_train_step(state, batch)
-      clock.add('compile', time.perf_counter() - compile_start)
-      logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).',
-                   time.perf_counter() - compile_start, window.flops)
+      compile_seconds = time.perf_counter() - compile_start
+      clock.add('compile', compile_seconds)
+      logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
+                   window.flops)
       window.restart()
     state, metrics = trainer.train_step(state, batch)
     window.push(metrics, step)
