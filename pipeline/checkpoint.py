@@ -76,10 +76,17 @@ def check_config_change(saved: dict[str, Any], config: ml_collections.ConfigDict
 
 
 class Checkpointer:
-  """The run's CheckpointManager in WORKDIR/checkpoints."""
+  """The run's CheckpointManager in WORKDIR/checkpoints.
 
-  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+  `read_only=True` (evaluate and predict modes) never creates, deletes or renames
+  anything there: a training run may still be writing to the same directory, and its
+  temporary step directories are its own.
+  """
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict, *,
+               read_only: bool = False):
     self.config = config
+    self.read_only = read_only
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
     best_metric = config.checkpoint.best_metric
     preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -94,8 +101,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             preservation_policy=preservation, best_fn=lambda m: m[best_metric],
             best_mode=config.checkpoint.best_mode,
-            enable_async_checkpointing=config.checkpoint.async_save,
-            cleanup_tmp_directories=True, create=True),
+            enable_async_checkpointing=config.checkpoint.async_save and not read_only,
+            cleanup_tmp_directories=not read_only, create=not read_only,
+            read_only=read_only),
         item_names=('state', 'data', 'meta'))
     self._in_flight_step = None
     # The loop donates the state's buffers to the next step, so a save must take its copy
@@ -108,7 +116,7 @@ class Checkpointer:
     # collectives, which must keep the same order as the train step's on every host.
     self._saver = None
     if (config.checkpoint.async_save and config.checkpoint.device_snapshot
-        and jax.process_count() == 1):
+        and jax.process_count() == 1 and not read_only):
       self._saver = futures.ThreadPoolExecutor(1, thread_name_prefix='checkpoint_save')
     self._submitted: futures.Future | None = None
 
@@ -126,6 +134,9 @@ class Checkpointer:
     Returns once the state may be donated: after dispatching a device copy of it (on the
     save thread, see __init__), or after Orbax's host copy.
     """
+    if self.read_only:
+      raise CheckpointError(f'Checkpoints in {self.directory} were opened read-only; '
+                            f'not saving step {step}.')
     self._wait_submitted()  # At most one save being handed to Orbax (and one state copy).
     self._check_previous()
     meta = {**meta, 'step': step, 'config': config_to_dict(self.config),
@@ -183,13 +194,22 @@ class Checkpointer:
       self._saver.shutdown()
     self.manager.close()
 
+  def saved_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The metadata saved with `step` (default: the newest), its config included."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'{self.directory} holds no committed checkpoint step.')
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+
   def restore(self, abstract_state: Any, step: int | None = None,
               ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
     """Restores `step` (default: the newest usable) onto `abstract_state`'s shardings.
 
     The saved config is compared with ours before any array is read. A step whose files
     are truncated or corrupt is skipped with a warning naming it and the next older
-    committed step is tried. Returns None when there is no checkpoint at all.
+    committed step is tried (read-only: the bad step is left where it is). Returns None
+    when there is no checkpoint at all.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
@@ -202,8 +222,7 @@ class Checkpointer:
     errors = []
     for candidate in steps:
       try:
-        meta = self.manager.restore(
-            candidate, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        meta = self.saved_meta(candidate)
         check_config_change(meta['config'], self.config)
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -216,7 +235,7 @@ class Checkpointer:
         errors.append(f'step {candidate}: {type(e).__name__}: {str(e)[:200]}')
         continue
       logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
-      if errors:
+      if errors and not self.read_only:
         self._set_aside(steps[:steps.index(candidate)])
       return restored['state'], restored['data'], meta
     raise CheckpointError(f'No usable checkpoint in {self.directory}:\n  '

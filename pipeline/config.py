@@ -151,6 +151,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def get_config() -> ml_collections.ConfigDict:
+  """This file is itself a config file: the schema's defaults. It is `--config`'s default,
+  which evaluate and predict modes replace by the config saved in the workdir."""
+  return base_config()
+
+
+def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config saved as JSON (checkpoint metadata) back as a ConfigDict: JSON has no
+  tuples, and every sequence in the schema is one."""
+  def restore(value):
+    if isinstance(value, dict):
+      return {k: restore(v) for k, v in value.items()}
+    return tuple(map(restore, value)) if isinstance(value, list) else value
+  return ml_collections.ConfigDict(restore(saved))
+
+
 def _fail(key: str, value: Any, expected: str) -> None:
   raise ValueError(f'config.{key}={value!r} is invalid: {expected}.')
 

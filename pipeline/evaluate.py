@@ -12,11 +12,15 @@ import jax
 import numpy as np
 
 from pipeline import checkpoint
+from pipeline import config as config_lib
 from pipeline import plots
 from pipeline import reporting
 from pipeline import steps
 
 RESULTS_FILE = 'eval_results.json'
+# Keys a command line may set for evaluate and predict modes without --config: their own,
+# and those that never change what was trained (where the data lives, the topology).
+MODE_KEY_PREFIXES = ('eval.', 'predict.')
 
 
 def evaluate(eval_step: Callable, state: steps.TrainState, batches: Iterable[dict[str, np.ndarray]],
@@ -36,6 +40,63 @@ def evaluate(eval_step: Callable, state: steps.TrainState, batches: Iterable[dic
   return {f'{prefix}/{name}': float(value) for name, value in host.compute().items()}
 
 
+def _open(config, workdir: str) -> checkpoint.Checkpointer:
+  """The workdir's checkpoints, read-only: a training run may still be writing there."""
+  directory = os.path.join(workdir, 'checkpoints')
+  # Checked first: a mistyped workdir gets this message, not Orbax's.
+  if not os.path.isdir(directory) and '://' not in directory:
+    raise checkpoint.CheckpointError(
+        f'No checkpoint in workdir {workdir}: {directory} does not exist. Train first '
+        f'(--mode=train --workdir={workdir}) or pass the workdir of a trained run.')
+  ckpt = checkpoint.Checkpointer(directory, config, read_only=True)
+  if ckpt.latest_step() is None:
+    ckpt.close()
+    raise checkpoint.CheckpointError(
+        f'No checkpoint in workdir {workdir}: {directory} holds no committed step.')
+  return ckpt
+
+
+def mode_config(workdir: str, command_line, overrides: dict[str, Any],
+                config_given: bool):
+  """The config evaluate and predict modes run with.
+
+  Without --config it is the config saved with the newest checkpoint of `workdir`, with
+  the command line's overrides of the mode's own keys (eval.*, predict.*) and of the keys
+  a resume may change (data paths, topology; checkpoint.RESUMABLE_KEYS) applied on top.
+  With --config, that config must match the saved one outside those keys.
+
+  Args:
+    workdir: the trained run's workdir.
+    command_line: the --config value (the schema's defaults when --config is not given).
+    overrides: the --config.KEY=VALUE flags given, by KEY.
+    config_given: whether --config was given.
+
+  Raises:
+    checkpoint.CheckpointError: no checkpoint, an override of a key that would change the
+      trained run, or a --config that differs from the saved one.
+  """
+  ckpt = _open(command_line, workdir)
+  try:
+    saved = ckpt.saved_meta()['config']
+  finally:
+    ckpt.close()
+  if config_given:
+    checkpoint.check_config_change(saved, command_line)
+    return command_line
+  refused = sorted(k for k in overrides if not k.startswith(MODE_KEY_PREFIXES)
+                   and k not in checkpoint.RESUMABLE_KEYS)
+  if refused:
+    raise checkpoint.CheckpointError(
+        f'--config.{refused[0]} would change the run trained in {workdir}: evaluate and '
+        'predict use the config saved with its checkpoint, and take overrides only of '
+        f'eval.*, predict.* and the keys a resume may change (refused: {", ".join(refused)}). '
+        'Pass --config=FILE to give the whole config instead.')
+  config = config_lib.from_saved(saved)
+  config.update_from_flattened_dict(dict(overrides))
+  config.lock()
+  return config
+
+
 def load_checkpoint(config, workdir: str) -> tuple[Any, steps.TrainState, int]:
   """Builds the run's Trainer and restores the checkpoint evaluate and predict modes use.
 
@@ -49,17 +110,8 @@ def load_checkpoint(config, workdir: str) -> tuple[Any, steps.TrainState, int]:
     checkpoint.CheckpointError: the workdir holds no checkpoint, or not the asked step.
   """
   from pipeline import train  # pylint: disable=g-import-not-at-top  # train imports this.
-  directory = os.path.join(workdir, 'checkpoints')
-  # Checked before Checkpointer, which would create the directory in a mistyped workdir.
-  if not os.path.isdir(directory) and '://' not in directory:
-    raise checkpoint.CheckpointError(
-        f'No checkpoint in workdir {workdir}: {directory} does not exist. Train first '
-        f'(--mode=train --workdir={workdir}) or pass the workdir of a trained run.')
-  ckpt = checkpoint.Checkpointer(directory, config)
+  ckpt = _open(config, workdir)
   try:
-    if ckpt.latest_step() is None:
-      raise checkpoint.CheckpointError(
-          f'No checkpoint in workdir {workdir}: {directory} holds no committed step.')
     step = config.eval.checkpoint_step
     if step == -1:
       step = ckpt.best_step()  # None: restore() takes the newest usable step.

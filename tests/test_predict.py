@@ -7,7 +7,11 @@ Each workload trains once per module, in-process; every test then restores its c
 import io
 import json
 import os
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -24,6 +28,7 @@ from pipeline import reporting
 from pipeline import train
 from pipeline.data import sources
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 11  # Not a multiple of the 8 devices: the last batch is padded.
 
 
@@ -190,3 +195,62 @@ def test_errors_name_the_workdir_and_the_input(tmp_path):
   config.predict.input = str(tmp_path / 'missing.png')
   with pytest.raises(ValueError, match='missing.png.*no such file'):
     predict.predict(config, str(tmp_path))
+
+
+def _main(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', 'pipeline.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _tree(directory):
+  return sorted(str(p.relative_to(directory)) for p in pathlib.Path(directory).rglob('*'))
+
+
+def test_modes_run_from_the_workdir_alone_and_touch_no_checkpoint(fashion, tmp_path):
+  """No --config: the saved config, overrides of the mode's keys, checkpoints read-only."""
+  config, workdir, records = fashion
+  evals = {r['step']: r for r in records if 'eval/accuracy' in r}
+  # What a training run still writing would have there: a step Orbax has not committed.
+  in_flight = workdir / 'checkpoints' / '30.orbax-checkpoint-tmp-1764620000000000'
+  (in_flight / 'state').mkdir(parents=True)
+  before = _tree(workdir / 'checkpoints')
+
+  result = _main('--mode=evaluate', f'--workdir={workdir}', '--config.eval.checkpoint_step=10',
+                 '--config.eval.batch_size=400')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'eval_results.json', encoding='utf-8') as f:
+    results = json.load(f)
+  assert results['step'] == 10
+  np.testing.assert_allclose(results['eval/accuracy'], evals[10]['eval/accuracy'], rtol=1e-6)
+  np.testing.assert_allclose(results['eval/loss'], evals[10]['eval/loss'], rtol=1e-5)
+
+  images = tmp_path / 'images'
+  images.mkdir()
+  test_images = sources.read_idx(
+      os.path.join(config.data.path, sources.FASHION_MNIST_FILES['test'][0]), ndim=3)
+  for i in range(3):
+    Image.fromarray(test_images[i]).save(images / f'{i}.png')
+  result = _main('--mode=predict', f'--workdir={workdir}', f'--config.predict.input={images}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  _check_records(_read_output(workdir / 'predictions.jsonl'), sources.FASHION_MNIST_LABELS,
+                 [str(images / f'{i}.png') for i in range(3)])
+  assert _tree(workdir / 'checkpoints') == before  # Nothing deleted, renamed or added.
+  shutil.rmtree(in_flight)
+
+
+def test_modes_refuse_overrides_that_change_the_trained_run(fashion):
+  _, workdir, _ = fashion
+  with pytest.raises(checkpoint.CheckpointError, match=r'--config.model.hidden_size would '
+                     r'change the run trained in .*refused: model.hidden_size'):
+    evaluate.mode_config(str(workdir), config_lib.base_config(),
+                         {'eval.batch_size': 100, 'model.hidden_size': 8}, config_given=False)
+  # A whole --config must match the saved one outside the resumable keys.
+  other = fashion_mnist_cnn.get_config('smoke')
+  other.model.hidden_size = 8
+  with pytest.raises(checkpoint.CheckpointError, match=r'model.hidden_size: 256 -> 8'):
+    evaluate.mode_config(str(workdir), other, {}, config_given=True)
+  config = evaluate.mode_config(str(workdir), config_lib.base_config(),
+                                {'eval.batch_size': 100}, config_given=False)
+  assert config.eval.batch_size == 100 and config.train.num_steps == 20
+  assert config.data.random_crop_pad == 2 and isinstance(config.data.synthetic_shape, tuple)
