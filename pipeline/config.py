@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data axis (-1 = the rest).
   c.mesh.fsdp = 1  # Devices on the fsdp axis (-1 = the rest).
-  c.mesh.dcn_data = 1  # Slices (or processes, without slices) the data axis spans (1 = one).
+  c.mesh.dcn_data = 1  # Slices (processes where there are none) the data axis spans; 1 = one.
   c.parallelism = 'jit'  # One of PARALLELISM: jit over a Mesh, or the pmap fallback.
   c.fsdp = False  # Shard params and optimizer state over the fsdp axis.
 
