@@ -32,7 +32,7 @@ RESUMABLE_KEYS = (
     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'checkpoint.async_save',
     'checkpoint.device_snapshot',
     'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',
-    'mesh.data', 'mesh.fsdp', 'parallelism', 'fsdp', 'data.num_workers',
+    'mesh.data', 'mesh.fsdp', 'mesh.dcn_data', 'parallelism', 'fsdp', 'data.num_workers',
     'data.prefetch_threads', 'data.device_prefetch', 'debug_nans', 'data.path', 'data.eval_path',
     'data.tfds_data_dir', 'predict.input', 'predict.output', 'predict.batch_size',
     'early_stopping.patience', 'early_stopping.min_delta', 'profile.start_step',

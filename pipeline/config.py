@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data axis (-1 = the rest).
   c.mesh.fsdp = 1  # Devices on the fsdp axis (-1 = the rest).
+  c.mesh.dcn_data = 1  # Slices (processes where there are none) the data axis spans; 1 = one.
   c.parallelism = 'jit'  # One of PARALLELISM: jit over a Mesh, or the pmap fallback.
   c.fsdp = False  # Shard params and optimizer state over the fsdp axis.
 
@@ -269,6 +270,12 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
     _fail('model.lstm_sizes', config.model.lstm_sizes, 'expected one or more positive sizes')
 
   data_par, fsdp = mesh_shape(config, num_devices)
+  dcn = config.mesh.dcn_data
+  if dcn < 1:
+    _fail('mesh.dcn_data', dcn, 'must be >= 1 (1 = the data axis spans one slice)')
+  if data_par % dcn or num_processes % dcn:
+    _fail('mesh.dcn_data', dcn, f'must divide the data axis ({data_par} devices) and the '
+          f'{num_processes} processes: each slice or process takes an equal block')
   batch_axes = data_par * fsdp  # Batches are sharded over both mesh axes.
   for key in ('train.global_batch_size', 'eval.batch_size'):
     value = _lookup(config, key)

@@ -13,21 +13,53 @@ from typing import Any, Callable
 
 from flax import jax_utils
 import jax
+from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pipeline import config as config_lib
 
 BATCH_AXES = ('data', 'fsdp')  # Batches are split over both axes: fsdp is data parallel too.
 
 
+def _granules(devices) -> tuple[str, int]:
+  """What the slower network joins, and how many: slices where the devices report more
+  than one (TPU multislice), else processes (GPU nodes, local CPU processes)."""
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  if len(slices) > 1:
+    return 'slice', len(slices)
+  return 'process', len({d.process_index for d in devices})
+
+
 def make_mesh(config, devices=None) -> Mesh:
-  """A (data, fsdp) Mesh over all devices, sized from config (-1 = the rest)."""
-  devices = jax.devices() if devices is None else devices
-  shape = config_lib.mesh_shape(config, len(devices))
-  # Mesh(...) rather than jax.make_mesh: the latter defaults to explicit axis types.
-  return Mesh(np.asarray(devices).reshape(shape), BATCH_AXES)
+  """A (data, fsdp) Mesh in JAX's topology-aware device order, sized from config.
+
+  With `mesh.dcn_data` = N > 1, the data axis is laid across N slices (or processes,
+  where the devices have no slices): each holds a contiguous block of the data axis and
+  the fsdp axis stays inside it, so only the data-parallel reduction crosses the slower
+  network between them.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  data, fsdp = config_lib.mesh_shape(config, len(devices))
+  dcn = config.mesh.dcn_data
+  granule, count = _granules(devices)
+  # Auto axis types: the default (explicit) turns with_sharding_constraint into an
+  # assertion.
+  axis_types = (AxisType.Auto,) * len(BATCH_AXES)
+  if dcn == 1:
+    if granule == 'slice':
+      raise ValueError(f'config.mesh.dcn_data=1 is invalid: the devices span {count} '
+                       f'slices; set it to {count} to lay the data axis across them.')
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=axis_types, devices=devices)
+  if count != dcn or data % dcn:
+    where = f'{count} slices' if granule == 'slice' else f'{count} process(es) and no slices'
+    raise ValueError(f'config.mesh.dcn_data={dcn} is invalid: it must equal the number of '
+                     f'slices (or of processes where there are none) and divide the data '
+                     f'axis ({data}); the devices span {where}.')
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (data // dcn, fsdp), (dcn, 1), devices, process_is_granule=granule == 'process')
+  return Mesh(grid, BATCH_AXES, axis_types=axis_types)
 
 
 def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
@@ -84,6 +116,11 @@ class Parallel:
     return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, self.replicated), donate_argnums=0)
 
+  def executable(self, compiled: jax.stages.Compiled) -> Callable:
+    """The compiled train step (`compile_train_step(...).lower(...).compile()`) as the
+    loop calls it, with the loop's arrays."""
+    return compiled
+
   def compile_eval_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
@@ -115,43 +152,74 @@ class Parallel:
     return int(jax.device_get(state.step))
 
 
+def _pmap_device_order() -> list[jax.Device]:
+  """Every process's local devices, by process: the order `jax.pmap` maps over."""
+  return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+
+
 class PmapParallel(Parallel):
   """The Flax-examples pattern: state replicated per local device, batches split on a
   leading device axis, gradients and BatchNorm statistics averaged with `lax.pmean`.
 
-  Checkpoints hold one copy of the state, as under jit, so either mode restores the other.
+  Each process holds the rows of its own devices (host-local arrays, as `jax.pmap` takes
+  them) and the collectives span every device of every process. Checkpoints hold one
+  copy of the state as a global array replicated over all devices, as under jit, so
+  either mode and any process count restores the other.
   """
   axis_name = 'batch'
 
   def __init__(self, config, devices=None):
     del config
-    self.devices = jax.local_devices() if devices is None else devices
-    self.device = self.devices[0]
-    # A leading axis split over the local devices: the layout pmap expects.
-    self._stacked = NamedSharding(Mesh(np.asarray(self.devices), ('devices',)), P('devices'))
+    # All processes' devices: pmap over only the local ones would average gradients
+    # within each process, and the processes would train apart.
+    self.devices = _pmap_device_order() if devices is None else list(devices)
+    self.mesh = Mesh(np.asarray(self.devices), (self.axis_name,))
+    self.local_devices = list(self.mesh.local_mesh.devices.flat)
+    stacked = P(self.axis_name)
+    # The layout of pmap's own host-local inputs, so that it rewraps them without a copy.
+    self._stacked = NamedSharding(self.mesh.local_mesh, stacked)
+    self.replicated = NamedSharding(self.mesh, P())
+    # Between the stacked state and one replicated global copy; pmap itself would need a
+    # mapped input. No communication: every device already holds the same values.
+    self._unstack = jax.jit(jax.shard_map(
+        lambda tree: jax.tree.map(lambda x: x[0], tree), mesh=self.mesh,
+        in_specs=stacked, out_specs=P(), check_vma=False))
+    self._stack = jax.jit(jax.shard_map(
+        lambda tree: jax.tree.map(lambda x: x[None], tree), mesh=self.mesh,
+        in_specs=P(), out_specs=stacked, check_vma=False))
 
   def describe(self) -> str:
-    return f'pmap over {len(self.devices)} local devices'
+    return (f'pmap over {len(self.devices)} devices, {len(self.local_devices)} in this '
+            'process')
+
+  def _to_global(self, tree: Any) -> Any:
+    return multihost_utils.host_local_array_to_global_array(
+        tree, self.mesh, P(self.axis_name))
+
+  def _to_local(self, tree: Any) -> Any:
+    return multihost_utils.global_array_to_host_local_array(
+        tree, self.mesh, P(self.axis_name))
 
   def abstract_state(self, init_fn: Callable[[], Any]) -> Any:
-    single = jax.sharding.SingleDeviceSharding(self.device)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single),
-                        jax.eval_shape(init_fn))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+        jax.eval_shape(init_fn))
 
   def init_state(self, init_fn: Callable[[], Any]) -> Any:
-    return self.place(jax.jit(init_fn)())
+    return self.place(jax.jit(init_fn, out_shardings=self.replicated)())
 
   def place(self, state: Any) -> Any:
-    return jax_utils.replicate(state, self.devices)
+    """A global replicated state (restored or fresh) -> this process's stacked copies."""
+    return self._to_local(self._stack(state))
 
   def for_saving(self, state: Any) -> Any:
-    return jax_utils.unreplicate(state)
+    return self._unstack(self._to_global(state))
 
   def host_step(self, state: Any) -> int:
     return int(jax.device_get(jax_utils.unreplicate(state.step)))
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    n = len(self.devices)
+    n = len(self.local_devices)
     return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self._stacked)
             for k, v in batch.items()}
 
@@ -159,12 +227,21 @@ class PmapParallel(Parallel):
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
                     axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
 
+  def executable(self, compiled: jax.stages.Compiled) -> Callable:
+    if jax.process_count() == 1:
+      return compiled
+    # A pmapped function converts host-local arguments and results on each call; the
+    # executable of its lower().compile() takes global arrays (JAX leaves that to us).
+    def step(*args):
+      return self._to_local(compiled(*self._to_global(args)))
+    return step
+
   def compile_eval_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
                     axis_name=self.axis_name, devices=self.devices)
 
   def compile_predict_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
-    return jax.pmap(step_fn, devices=self.devices)
+    return jax.pmap(step_fn, axis_name=self.axis_name, devices=self.devices)
 
   def host_outputs(self, outputs: jax.Array) -> np.ndarray:
     rows = np.asarray(jax.device_get(outputs))  # [local devices, rows per device, ...]

@@ -90,10 +90,11 @@ class Trainer:
     Calling the compiled executable can never retrace or recompile.
     """
     lowered = self.train_step.lower(state, batch)
-    self.train_step = lowered.compile()
+    compiled = lowered.compile()
+    self.train_step = self.parallel.executable(compiled)
     # FLOPs of the lowered module: on GPU the compiled one hides convolutions in cuDNN
     # custom calls that its cost analysis does not count.
-    cost = lowered.cost_analysis() or self.train_step.cost_analysis()  # None on some GPUs.
+    cost = lowered.cost_analysis() or compiled.cost_analysis()  # None on some GPUs.
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', 0.0))
 

@@ -4,12 +4,14 @@ launched with launch/local.sh, the same code path as a pod."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--config.train.log_every_steps=1', '--config.train.eval_every_steps=10',
@@ -40,10 +42,13 @@ def _one_process(workdir, *extra):
   return proc.stderr
 
 
-def _jsonl_losses(workdir):
+def _jsonl_records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    records = [json.loads(line) for line in f]
-  return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+    return [json.loads(line) for line in f]
+
+
+def _jsonl_losses(workdir):
+  return {r['step']: r['train/loss'] for r in _jsonl_records(workdir) if 'train/loss' in r}
 
 
 def _logged_losses(log_text):
@@ -52,28 +57,73 @@ def _logged_losses(log_text):
           re.finditer(r'\[(\d+)\] .*?train/loss=([0-9.e+-]+)', log_text)}
 
 
-def test_two_processes_match_one_and_checkpoints_cross_resume(tmp_path):
-  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
-  _two_processes(two)
-  _one_process(one)
+@pytest.fixture(scope='module')
+def one_process_run(tmp_path_factory):
+  """The reference: 1 process x 8 devices under jit, 10 steps. Tests that resume it copy it."""
+  workdir = str(tmp_path_factory.mktemp('one_process') / 'run')
+  _one_process(workdir)
+  return workdir, _jsonl_losses(workdir)
+
+
+def _resume_copy(source, destination):
+  shutil.copytree(source, destination)
+  return destination
+
+
+def test_two_processes_match_one_and_checkpoints_cross_resume(tmp_path, one_process_run):
+  two = str(tmp_path / 'two')
+  one, one_losses = one_process_run
+  # dcn_data=2: the data axis laid over the two processes (the hybrid mesh path).
+  _two_processes(two, '--config.mesh.dcn_data=2')
   logs = [open(os.path.join(two, 'logs', f'process_{i}.log'), encoding='utf-8').read()
           for i in range(2)]
   assert 'process 1/2, local devices 4, global devices 8' in logs[1]
   per_process = [_logged_losses(text) for text in logs]
   assert sorted(per_process[0]) == list(range(1, 11))
   assert per_process[0] == per_process[1]  # Both processes saw the same global losses.
-  two_losses, one_losses = _jsonl_losses(two), _jsonl_losses(one)
+  two_losses = _jsonl_losses(two)
   steps = sorted(one_losses)
   np.testing.assert_allclose([two_losses[s] for s in steps], [one_losses[s] for s in steps],
                              rtol=1e-6)
 
   # The 2-process checkpoint resumes in 1 process, and the 1-process one in 2 processes.
   _one_process(two, '--config.train.num_steps=14')
+  one = _resume_copy(one, str(tmp_path / 'one'))
   _two_processes(one, '--config.train.num_steps=14')
   resumed_in_one, resumed_in_two = _jsonl_losses(two), _jsonl_losses(one)
   assert sorted(resumed_in_one) == sorted(resumed_in_two) == list(range(1, 15))
   np.testing.assert_allclose([resumed_in_one[s] for s in range(11, 15)],
                              [resumed_in_two[s] for s in range(11, 15)], rtol=1e-6)
+
+
+def test_pmap_across_processes_matches_jit_and_checkpoints_cross_modes(tmp_path,
+                                                                       one_process_run):
+  pmap = str(tmp_path / 'pmap')
+  one, one_losses = one_process_run
+  _two_processes(pmap, '--config.parallelism=pmap')
+  logs = [open(os.path.join(pmap, 'logs', f'process_{i}.log'), encoding='utf-8').read()
+          for i in range(2)]
+  per_process = [_logged_losses(text) for text in logs]
+  assert sorted(per_process[0]) == list(range(1, 11))
+  # Gradients averaged over all 8 devices: both processes train the same model.
+  assert per_process[0] == per_process[1]
+  pmap_losses = _jsonl_losses(pmap)
+  steps = sorted(one_losses)
+  np.testing.assert_allclose([pmap_losses[s] for s in steps], [one_losses[s] for s in steps],
+                             rtol=1e-5)
+  eval_records = [r for r in _jsonl_records(pmap) if 'eval/accuracy' in r]
+  one_eval = [r for r in _jsonl_records(one) if 'eval/accuracy' in r]
+  assert [r['step'] for r in eval_records] == [r['step'] for r in one_eval] == [10]
+  np.testing.assert_allclose(eval_records[0]['eval/loss'], one_eval[0]['eval/loss'], rtol=1e-5)
+
+  # pmap x 2 processes -> jit x 1 process, and jit x 1 process -> pmap x 2 processes.
+  _one_process(pmap, '--config.train.num_steps=14')
+  jit_copy = _resume_copy(one, str(tmp_path / 'jit_then_pmap'))
+  _two_processes(jit_copy, '--config.train.num_steps=14', '--config.parallelism=pmap')
+  into_jit, into_pmap = _jsonl_losses(pmap), _jsonl_losses(jit_copy)
+  assert sorted(into_jit) == sorted(into_pmap) == list(range(1, 15))
+  np.testing.assert_allclose([into_jit[s] for s in range(11, 15)],
+                             [into_pmap[s] for s in range(11, 15)], rtol=1e-5)
 
 
 def test_killing_a_peer_ends_the_survivor_naming_it(tmp_path):

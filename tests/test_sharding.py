@@ -1,13 +1,18 @@
-"""Parallel layouts agree: mesh shapes, fsdp on/off, gradient accumulation, jit vs pmap."""
+"""Parallel layouts agree: mesh shapes, fsdp on/off, gradient accumulation, jit vs pmap;
+the Mesh takes JAX's topology-aware device order."""
+
+import dataclasses
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 from configs import fashion_mnist_cnn
 from configs import rotten_tomatoes_lstm
 from pipeline import reporting
+from pipeline import sharding
 from pipeline import train
 
 
@@ -106,3 +111,82 @@ def test_pmap_checkpoint_resumes_under_jit(tmp_path):
   assert sorted(mixed_losses) == list(range(1, 9))
   np.testing.assert_allclose([mixed_losses[s] for s in range(1, 9)],
                              [ref_losses[s] for s in range(1, 9)], rtol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+  """The attributes JAX's mesh helpers read from a TPU device: chip coordinates in the
+  torus, the slice, the process."""
+  id: int
+  process_index: int
+  slice_index: int
+  coords: tuple[int, int, int]
+  core_on_chip: int = 0
+  platform: str = 'tpu'
+  device_kind: str = 'TPU v4'
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeHost:
+  """A device with no slice_index (GPU nodes, CPU processes): processes are the granules."""
+  id: int
+  process_index: int
+  platform: str = 'cpu'
+  device_kind: str = 'cpu'
+
+
+def _fake_tpus(slices):
+  """`slices` TPU v4 slices of 2x2x2 chips (8 devices), 2 processes per slice."""
+  devices = []
+  for s in range(slices):
+    for i, (z, y, x) in enumerate(np.ndindex(2, 2, 2)):
+      devices.append(FakeTpu(id=8 * s + i, process_index=2 * s + i // 4, slice_index=s,
+                             coords=(x, y, z)))
+  return devices
+
+
+def _mesh_config(data, fsdp, dcn_data=1):
+  return _config(**{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.dcn_data': dcn_data})
+
+
+def _ids(grid):
+  return [[d.id for d in row] for row in np.asarray(grid)]
+
+
+@pytest.mark.parametrize('shape', [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_mesh_takes_jax_device_order(shape):
+  mesh = sharding.make_mesh(_mesh_config(*shape))
+  expected = jax.make_mesh(shape, sharding.BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+  assert _ids(mesh.devices) == _ids(expected.devices)
+  assert mesh.axis_names == sharding.BATCH_AXES
+  assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+  # On a TPU torus the helper's order is not jax.devices() reshaped; ours follows it.
+  tpus = _fake_tpus(1)
+  topology = mesh_utils.create_device_mesh(shape, tpus)
+  assert _ids(sharding.make_mesh(_mesh_config(*shape), tpus).devices) == _ids(topology)
+  if shape == (8, 1):
+    assert _ids(topology) != _ids(np.asarray(tpus).reshape(shape))
+
+
+def test_dcn_data_lays_the_data_axis_across_slices():
+  tpus = _fake_tpus(2)
+  mesh = sharding.make_mesh(_mesh_config(8, 2, dcn_data=2), tpus)
+  expected = mesh_utils.create_hybrid_device_mesh((4, 2), (2, 1), tpus)
+  assert _ids(mesh.devices) == _ids(expected)
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slices[:4] == 0).all() and (slices[4:] == 1).all()  # fsdp stays in a slice.
+  with pytest.raises(ValueError, match=r'config.mesh.dcn_data=1 is invalid.*2 slices'):
+    sharding.make_mesh(_mesh_config(8, 2), tpus)
+
+
+def test_dcn_data_without_slices_takes_processes():
+  hosts = [FakeHost(id=i, process_index=i // 4) for i in range(8)]
+  mesh = sharding.make_mesh(_mesh_config(8, 1, dcn_data=2), hosts)
+  expected = mesh_utils.create_hybrid_device_mesh((4, 1), (2, 1), hosts,
+                                                  process_is_granule=True)
+  assert _ids(mesh.devices) == _ids(expected)
+  processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  assert processes.ravel().tolist() == [0] * 4 + [1] * 4
+  # One process, no slices: nothing for dcn_data=2 to span.
+  with pytest.raises(ValueError, match=r'config.mesh.dcn_data=2 is invalid.*1 process'):
+    sharding.make_mesh(_mesh_config(8, 1, dcn_data=2))
