@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import evaluate as evaluate_lib
 from pipeline import steps
+from pipeline import storage
 from pipeline.data import images
 
 OUTPUT_FILE = 'predictions.jsonl'
@@ -115,12 +116,12 @@ def predict(config, workdir: str) -> list[dict[str, Any]]:
     label_id = int(np.argmax(p))
     records.append({'input': raw, 'label': names[label_id], 'label_id': label_id,
                     'probabilities': {name: float(v) for name, v in zip(names, p)}})
-  output = config.predict.output or os.path.join(workdir, OUTPUT_FILE)
+  output = config.predict.output or storage.join(workdir, OUTPUT_FILE)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, 'w', encoding='utf-8') as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + '\n')
+    if storage.is_local(output):
+      storage.make_dirs(os.path.dirname(os.path.abspath(output)))
+    storage.write_text(output, ''.join(json.dumps(record, ensure_ascii=False) + '\n'
+                                       for record in records))
   logging.info('Classified %d inputs with checkpoint step %d of %s; wrote %s.',
                len(records), step, workdir, output)
   return records
