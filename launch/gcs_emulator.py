@@ -51,7 +51,7 @@ START_TIMEOUT_S = 30.0
 _LAYOUT_PATH = re.compile(r'^/storage/v1/b/([^/?]+)/storageLayout(\?.*)?$')
 # Hop-by-hop headers are the proxy's own business, never forwarded.
 _HOP_HEADERS = {'connection', 'keep-alive', 'proxy-connection', 'proxy-authorization',
-                'te', 'trailer', 'transfer-encoding', 'upgrade'}
+                'te', 'trailer', 'transfer-encoding', 'upgrade', 'expect'}
 
 
 class EmulatorError(RuntimeError):
@@ -135,6 +135,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     self.close_connection = False
     while not self.close_connection:
       self.handle_one_request()
+
+  def handle_expect_100(self) -> bool:
+    # curl asks before it sends a body and waits 1 s for the answer: it must leave now,
+    # not when the tunnel's buffered writer next flushes.
+    self.send_response_only(100)
+    self.end_headers()
+    self.wfile.flush()
+    return True
 
   def _refuse_plain(self) -> bool:
     """Plain-HTTP proxy requests (absolute URLs) are never forwarded."""
