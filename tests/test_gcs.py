@@ -28,6 +28,7 @@ from tensorboard.util import tensor_util
 from configs import fashion_mnist_cnn
 from launch import gcs_emulator
 from pipeline import checkpoint
+from pipeline import config as config_lib
 from pipeline import reporting
 from pipeline import storage
 from pipeline.data import sources
@@ -65,13 +66,12 @@ def gcs_env(tmp_path_factory):
     gcs_emulator.stop(state_dir)
 
 
-def _start(cwd, workdir, *extra, mode='train'):
+def _start(cwd, workdir, *extra, mode='train', log=subprocess.PIPE):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
   return subprocess.Popen(
       [sys.executable, '-m', 'pipeline.main', f'--workdir={workdir}', f'--mode={mode}',
-       *FLAGS, *extra], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+       *FLAGS, *extra], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def _run(cwd, workdir, *extra, mode='train'):
@@ -127,14 +127,18 @@ def test_gs_workdir_trains_resumes_evaluates_predicts_like_local(gcs_env, tmp_pa
   for i in range(NUM_IMAGES):
     Image.fromarray(pixels[i]).save(images / f'test_{i}.png')
   local = str(tmp_path / 'local_run')
-  _run(local_cwd, local)
-
-  target = random.randint(2, NUM_STEPS // 2)
-  code, out = _interrupt_at(gs_cwd, workdir, target)
+  # The local reference runs beside the first gs:// attempt: the latter waits on the
+  # emulator much of the time, and the test is shorter by a run.
+  with open(tmp_path / 'local.log', 'w', encoding='utf-8') as log:
+    local_proc = _start(local_cwd, local, log=log)
+    target = random.randint(2, NUM_STEPS // 2)
+    code, out = _interrupt_at(gs_cwd, workdir, target)
+    assert local_proc.wait(timeout=300) == 0, (tmp_path / 'local.log').read_text()[-4000:]
   assert code == 0 and 'Stop requested (SIGTERM)' in out, out[-4000:]
   stopped = re.search(r'Stop requested \(SIGTERM\) at step (\d+)', out)
   stopped_at = int(stopped.group(1))
   assert target <= stopped_at < NUM_STEPS, (target, stopped_at)
+  print(f'SIGTERM after step {target}; the run saved and stopped at step {stopped_at}.')
   out = _run(gs_cwd, workdir)
   assert f'Restored checkpoint step {stopped_at} from {workdir}/checkpoints' in out, out[-4000:]
   _run(gs_cwd, workdir, mode='evaluate')
@@ -232,3 +236,31 @@ def test_evaluate_on_an_empty_gs_workdir_names_it(gcs_env):
   workdir = f'gs://{BUCKET}/never_trained'
   with pytest.raises(checkpoint.CheckpointError, match='No checkpoint in workdir gs://'):
     evaluate.load_checkpoint(fashion_mnist_cnn.get_config('smoke'), workdir)
+
+
+def test_unreadable_step_in_a_bucket_is_set_aside_and_the_previous_restored(gcs_env):
+  import jax  # pylint: disable=import-outside-toplevel
+  directory = f'gs://{BUCKET}/aside/checkpoints'
+  ckpt = checkpoint.Checkpointer(directory, config_lib.base_config())
+  state = {'w': jax.device_put(np.arange(8, dtype=np.float32))}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=x.sharding), state)
+  ckpt.save(1, state, {'position': 1}, {})
+  ckpt.save(2, jax.tree.map(lambda x: x + 1, state), {'position': 2}, {})
+  ckpt.wait_until_finished()
+  client = gcs.Client()
+  # Names ending in / are the directory markers TensorFlow's mkdir writes: not data.
+  corrupted = [b.name for b in client.list_blobs(BUCKET, prefix='aside/checkpoints/2/state/')
+               if not b.name.endswith('/')]
+  assert corrupted
+  for name in corrupted:
+    client.bucket(BUCKET).blob(name).upload_from_string(b'not a checkpoint')
+  restored, data, _ = ckpt.restore(abstract)
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(8, dtype=np.float32))
+  assert data == {'position': 1}
+  names = [b.name for b in client.list_blobs(BUCKET, prefix='aside/checkpoints/')]
+  assert not any(n.startswith('aside/checkpoints/2/') for n in names), names
+  aside = [n for n in names if n.startswith('aside/checkpoints/2.unreadable-')]
+  # Every object of the step, the corrupted ones included, is kept for inspection.
+  assert {n.split('/', 3)[3] for n in aside} >= {n.split('/', 3)[3] for n in corrupted}, names
