@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import http.client
 import http.server
 import json
@@ -215,6 +216,12 @@ class _ProxyServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
   allow_reuse_address = True
 
 
+def _die_with_parent() -> None:
+  """In the emulator's process: the kernel sends it SIGTERM if `serve` dies (even by
+  SIGKILL), so no emulator outlives its proxy."""
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _wait_for_emulator(port: int, process: subprocess.Popen, log: str) -> None:
   deadline = time.monotonic() + START_TIMEOUT_S
   while time.monotonic() < deadline:
@@ -262,11 +269,15 @@ def serve(state_dir: str) -> None:
   ca, cert, key = _make_certificates(state_dir)
   port = _free_port()
   log_path = os.path.join(state_dir, LOG_FILE)
+  # Before the emulator starts, so that a stop during start-up still ends it.
+  stopped = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stopped.set())
   with open(log_path, 'ab') as log:
     emulator = subprocess.Popen(
         [_binary(), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
          '-port', str(port), '-external-url', f'http://127.0.0.1:{port}',
-         '-log-level', 'warn'], stdout=log, stderr=log)
+         '-log-level', 'warn'], stdout=log, stderr=log, preexec_fn=_die_with_parent)
   try:
     _wait_for_emulator(port, emulator, log_path)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -281,9 +292,6 @@ def serve(state_dir: str) -> None:
         'CURL_CA_BUNDLE': ca,
         'no_proxy': '127.0.0.1,localhost',
     }
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, lambda *_: stopped.set())
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     tmp = os.path.join(state_dir, f'{ENV_FILE}.tmp')
@@ -313,7 +321,8 @@ def start(state_dir: str = DEFAULT_STATE_DIR, buckets: tuple[str, ...] = ()) -> 
   pid_path, env_path = (os.path.join(state_dir, n) for n in (PID_FILE, ENV_FILE))
   if _running_pid(state_dir) is not None:
     raise EmulatorError(f'An emulator is already running from {state_dir} (pid file '
-                        f'{pid_path}); stop it first: {sys.argv[0]} stop')
+                        f'{pid_path}); stop it first: python launch/gcs_emulator.py stop '
+                        f'--state_dir {state_dir}')
   with contextlib.suppress(FileNotFoundError):
     os.remove(env_path)
   log_path = os.path.join(state_dir, LOG_FILE)
@@ -338,14 +347,22 @@ def start(state_dir: str = DEFAULT_STATE_DIR, buckets: tuple[str, ...] = ()) -> 
   return env
 
 
+def _pid_alive(pid: int) -> bool:
+  """Whether `pid` runs; a zombie (exited, not reaped by whoever inherited it) does not."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
 def _running_pid(state_dir: str) -> int | None:
   try:
     with open(os.path.join(state_dir, PID_FILE), encoding='utf-8') as f:
       pid = int(f.read().strip())
-    os.kill(pid, 0)
-  except (FileNotFoundError, ValueError, ProcessLookupError):
+  except (FileNotFoundError, ValueError):
     return None
-  return pid
+  return pid if _pid_alive(pid) else None
 
 
 def stop(state_dir: str = DEFAULT_STATE_DIR) -> bool:
@@ -358,13 +375,10 @@ def stop(state_dir: str = DEFAULT_STATE_DIR) -> bool:
   os.kill(pid, signal.SIGTERM)
   deadline = time.monotonic() + 15
   while time.monotonic() < deadline:
-    try:
-      os.kill(pid, 0)
-      # Reap it if it is our child (the test fixture); harmless otherwise.
-      with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-          return True
-    except ProcessLookupError:
+    # Reap it if it is our child (the test fixture); harmless otherwise.
+    with contextlib.suppress(ChildProcessError):
+      os.waitpid(pid, os.WNOHANG)
+    if _pid_alive(pid) is False:
       return True
     time.sleep(0.1)
   os.kill(pid, signal.SIGKILL)
@@ -392,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
       sys.exit(f'error: {e}')
     for name, value in env.items():
       print(f'export {name}={value}')
-    print(f'# stop with: python {sys.argv[0]} stop --state_dir {args.state_dir}',
+    print(f'# stop with: python launch/gcs_emulator.py stop --state_dir {args.state_dir}',
           file=sys.stderr)
   elif not stop(args.state_dir):
     sys.exit(f'error: no emulator running from {args.state_dir}')
