@@ -48,6 +48,21 @@ def read_text(path: str | os.PathLike) -> str:
   return epath.Path(path).read_text(encoding='utf-8')
 
 
+def read_bytes(path: str | os.PathLike) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
+def list_dir(path: str | os.PathLike) -> list[str]:
+  """The paths of the entries of directory `path`, sorted by name."""
+  if is_local(path):
+    return [os.path.join(path, name) for name in sorted(os.listdir(path))]
+  return sorted(os.fspath(child) for child in epath.Path(path).iterdir())
+
+
+def is_file(path: str | os.PathLike) -> bool:
+  return os.path.isfile(path) if is_local(path) else epath.Path(path).is_file()
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` so that a concurrent reader never sees half of it."""
   if not is_local(path):

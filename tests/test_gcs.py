@@ -28,9 +28,11 @@ from tensorboard.util import tensor_util
 from configs import fashion_mnist_cnn
 from launch import gcs_emulator
 from pipeline import checkpoint
+from pipeline import predict
 from pipeline import config as config_lib
 from pipeline import reporting
 from pipeline import storage
+from pipeline.data import images as images_lib
 from pipeline.data import sources
 from pipeline.data import text
 
@@ -264,3 +266,20 @@ def test_unreadable_step_in_a_bucket_is_set_aside_and_the_previous_restored(gcs_
   aside = [n for n in names if n.startswith('aside/checkpoints/2.unreadable-')]
   # Every object of the step, the corrupted ones included, is kept for inspection.
   assert {n.split('/', 3)[3] for n in aside} >= {n.split('/', 3)[3] for n in corrupted}, names
+
+
+def test_predict_reads_image_inputs_from_a_bucket(gcs_env, tmp_path):
+  pixels = sources.read_idx(os.path.join(fashion_mnist_cnn.get_config('smoke').data.path,
+                                         sources.FASHION_MNIST_FILES['test'][0]), ndim=3)
+  folder = f'gs://{BUCKET}/inputs'
+  for i in range(3):
+    Image.fromarray(pixels[i]).save(tmp_path / f'{i}.png')
+    epath.Path(f'{folder}/{i}.png').write_bytes((tmp_path / f'{i}.png').read_bytes())
+  storage.write_text(f'{folder}/notes.txt', 'not an image')
+  inputs = predict.read_inputs(folder, text=False)
+  assert inputs == [f'{folder}/{i}.png' for i in range(3)]
+  for i, path in enumerate(inputs):
+    np.testing.assert_array_equal(
+        images_lib.decode(path, size=None, channels=1)[..., 0], pixels[i])
+  with pytest.raises(ValueError, match='gs://.*/missing.png.*no such file'):
+    predict.check_input(f'{folder}/missing.png')
