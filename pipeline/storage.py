@@ -24,6 +24,8 @@ def is_local(path: str | os.PathLike) -> bool:
 
 
 def join(directory: str | os.PathLike, *names: str) -> str:
+  if is_local(directory):
+    return os.path.join(directory, *names)
   return os.fspath(epath.Path(directory).joinpath(*names))
 
 
