@@ -91,20 +91,46 @@ def move_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
   """Moves the file or directory `source` to `target`, which must not exist.
 
   Locally one atomic rename. A bucket has no rename: every object is copied first and the
-  source is deleted only once all copies exist, so an interruption leaves both (or a
-  partial target beside the intact source), never neither.
+  sources are deleted only once all copies exist, so an interruption leaves both (or a
+  partial target beside the intact source), never neither. In GCS the copies are made by
+  the service (no bytes through this host, whatever the checkpoint's size), and commit
+  markers are deleted first, so a half-deleted step never looks committed to Orbax.
   """
   if is_local(source):
     os.rename(source, target)
     return
-  source, target = epath.Path(source), epath.Path(target)
-  if target.exists():
+  source, target = os.fspath(source).rstrip('/'), os.fspath(target).rstrip('/')
+  if exists(target):
     raise FileExistsError(f'{target} exists; not moving {source} over it.')
-  if not source.is_dir():
-    source.copy(target)
-    source.unlink()
+  if source.startswith('gs://'):
+    _move_gcs(source, target)
     return
-  for root, _, files in source.walk():
+  src, dst = epath.Path(source), epath.Path(target)
+  if not src.is_dir():
+    src.copy(dst)
+    src.unlink()
+    return
+  for root, _, files in src.walk():
     for name in files:
-      (root / name).copy(target / (root / name).relative_to(source))
-  source.rmtree()
+      (root / name).copy(dst / (root / name).relative_to(src))
+  src.rmtree()
+
+
+def _move_gcs(source: str, target: str) -> None:
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top  # gs:// only.
+  bucket_name, prefix = source[len('gs://'):].split('/', 1)
+  target_bucket, target_prefix = target[len('gs://'):].split('/', 1)
+  client = storage.Client()
+  bucket, destination = client.bucket(bucket_name), client.bucket(target_bucket)
+  blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix)
+           if b.name == prefix or b.name.startswith(prefix + '/')]
+  if not blobs:
+    raise FileNotFoundError(f'{source}: no such file or directory.')
+  for blob in blobs:
+    new = destination.blob(target_prefix + blob.name[len(prefix):])
+    token, _, _ = new.rewrite(blob)
+    while token is not None:  # Large objects are rewritten in several calls.
+      token, _, _ = new.rewrite(blob, token=token)
+  blobs.sort(key=lambda b: not b.name.endswith('commit_success.txt'))
+  for blob in blobs:
+    bucket.delete_blob(blob.name, generation=blob.generation)
