@@ -5,7 +5,9 @@ fresh, empty working directory: every client (Orbax's tensorstore and google-clo
 TensorFlow's gs:// filesystem behind CLU and etils.epath) must reach the bucket, and
 nothing may land on local disk. A short run is stopped by SIGTERM at a random step,
 finished, evaluated and used to predict; its parameters must equal the same run on a
-local workdir bit for bit.
+local workdir bit for bit. In-process tests cover the pieces a bucket makes different:
+metrics.jsonl rewritten whole, an unreadable step set aside without a rename, the
+vocabulary, predict inputs, and the error for a workdir with no checkpoint.
 """
 
 import json
@@ -169,6 +171,8 @@ def test_gs_workdir_trains_resumes_evaluates_predicts_like_local(gcs_env, tmp_pa
     assert f'run/{name}' in names, sorted(names)
   assert any(n.startswith(f'run/checkpoints/{NUM_STEPS}/state/') for n in names)
   assert any(n.startswith('run/events.out.tfevents.') for n in names), sorted(names)
+  print(f'{len(names)} objects under gs://{BUCKET}/run/; outside checkpoints/:',
+        sorted(n for n in names if not n.startswith('run/checkpoints/')))
   png = epath.Path(f'{workdir}/loss.png').read_bytes()
   assert png.startswith(b'\x89PNG'), png[:8]
   results = json.loads(storage.read_text(f'{workdir}/eval_results.json'))
