@@ -7,17 +7,19 @@
 # Usage:
 #   launch/local.sh --config CONFIG --workdir DIR [--num_processes N]
 #       [--devices_per_process M] [--mode train|evaluate|predict] [--port PORT]
-#       [--grace SECONDS] [--dry-run] [-- --config.key=value ...]
+#       [--grace SECONDS] [--log_dir DIR] [--dry-run] [-- --config.key=value ...]
 #
 #   --num_processes N        processes to start (default 2)
 #   --devices_per_process M  fake CPU devices per process (default 4)
 #   --port PORT              coordinator port on 127.0.0.1 (default: a free one)
 #   --grace SECONDS          after a failure, how long the others get to save and
 #                            exit on SIGTERM before SIGKILL (default 30)
+#   --log_dir DIR            local directory for the process logs (default DIR/logs;
+#                            required when --workdir is a URL such as gs://B/run)
 #   --dry-run                print the commands instead of running them
 #   after --                 extra flags for pipeline.main, e.g. config overrides
 #
-# Logs: DIR/logs/process_<i>.log. Waits for all; if one fails, names it, stops the
+# Logs: LOG_DIR/process_<i>.log. Waits for all; if one fails, names it, stops the
 # others and exits with its status. Ctrl-C stops all (as a preemption: they save). PYTHON picks the interpreter (default: python3).
 #
 # Example:
@@ -45,6 +47,7 @@ workdir=''
 mode=train
 port=''
 grace=30
+log_dir=''
 dry_run=0
 extra=()
 while (($#)); do
@@ -57,6 +60,7 @@ while (($#)); do
     --mode) mode="${2:?--mode needs a value}"; shift 2 ;;
     --port) port="${2:?--port needs a value}"; shift 2 ;;
     --grace) grace="${2:?--grace needs a value}"; shift 2 ;;
+    --log_dir) log_dir="${2:?--log_dir needs a value}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown argument '$1'" ;;
@@ -73,7 +77,11 @@ if [[ -z "$port" ]]; then
   port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 
-logs="$workdir/logs"
+if [[ -z "$log_dir" && "$workdir" == *://* ]]; then
+  # mkdir would make a local ./gs:/B/run; the logs are written by this shell, not Python.
+  die "--workdir $workdir is a URL: name a local --log_dir for the process logs"
+fi
+logs="${log_dir:-$workdir/logs}"
 # Sets cmd to process $1's command line, one definition for the dry run and the run.
 process_cmd() {
   cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices"

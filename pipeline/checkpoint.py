@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from pipeline import multihost
 from pipeline import optim
+from pipeline import storage
 
 # Keys that may change between a run and its resume without --config.checkpoint.
 # allow_config_change: durations, cadences, logging, and the topology (elastic resume).
@@ -242,13 +243,14 @@ class Checkpointer:
                           + '\n  '.join(errors))
 
   def _set_aside(self, bad_steps: list[int]) -> None:
-    """Renames unreadable steps out of Orbax's sight, so training can save those steps
-    again; the files stay on disk for inspection (a checkpoint is never deleted here)."""
+    """Moves unreadable steps out of Orbax's sight, so training can save those steps
+    again; the files are kept for inspection (a checkpoint is never deleted here; in a
+    bucket, which has no rename, they are copied before the originals go)."""
     if jax.process_index() == 0:
       for step in bad_steps:
-        path = os.path.join(self.directory, str(step))
+        path = storage.join(self.directory, str(step))
         aside = f'{path}.unreadable-{int(time.time())}'
-        os.rename(path, aside)
+        storage.move_tree(path, aside)
         logging.warning('Moved unreadable checkpoint step %d to %s.', step, aside)
     multihost.barrier('checkpoint_set_aside')
     self.manager.reload()
@@ -265,8 +267,8 @@ def init_from(config: ml_collections.ConfigDict, fresh: Any) -> Any:
   A leaf whose shape differs (a new head for another number of classes) keeps its fresh
   initialization; every such leaf is logged, as are those the source lacks.
   """
-  source_dir = os.path.join(config.init_from, 'checkpoints')
-  if not os.path.isdir(source_dir):
+  source_dir = storage.join(config.init_from, 'checkpoints')
+  if not storage.is_dir(source_dir):
     source_dir = config.init_from  # Also accept the checkpoints directory itself.
   manager = ocp.CheckpointManager(source_dir, item_names=('state', 'data', 'meta'),
                                   options=ocp.CheckpointManagerOptions(read_only=True))

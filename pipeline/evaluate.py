@@ -4,7 +4,6 @@ evaluate mode that scores a saved checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Iterable
 
 from absl import logging
@@ -16,6 +15,7 @@ from pipeline import config as config_lib
 from pipeline import plots
 from pipeline import reporting
 from pipeline import steps
+from pipeline import storage
 
 RESULTS_FILE = 'eval_results.json'
 # Keys a command line may set for evaluate and predict modes without --config: their own,
@@ -42,9 +42,9 @@ def evaluate(eval_step: Callable, state: steps.TrainState, batches: Iterable[dic
 
 def _open(config, workdir: str) -> checkpoint.Checkpointer:
   """The workdir's checkpoints, read-only: a training run may still be writing there."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = storage.join(workdir, 'checkpoints')
   # Checked first: a mistyped workdir gets this message, not Orbax's.
-  if not os.path.isdir(directory) and '://' not in directory:
+  if not storage.is_dir(directory):
     raise checkpoint.CheckpointError(
         f'No checkpoint in workdir {workdir}: {directory} does not exist. Train first '
         f'(--mode=train --workdir={workdir}) or pass the workdir of a trained run.')
@@ -143,9 +143,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   writer.write_scalars(step, metrics)
   writer.close()
   if lead:
-    path = os.path.join(workdir, RESULTS_FILE)
-    with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
-      json.dump({'step': step, **metrics}, f, indent=2)
-    os.replace(f'{path}.tmp', path)  # A reader never sees half a file.
+    # A reader never sees half a file.
+    storage.write_text(storage.join(workdir, RESULTS_FILE),
+                       json.dumps({'step': step, **metrics}, indent=2))
     plots.plot_learning_curves(workdir)
   return metrics

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import matplotlib
 
@@ -10,6 +10,7 @@ matplotlib.use('Agg')  # Files only: training machines have no display.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from pipeline import reporting
+from pipeline import storage
 
 
 def plot_learning_curves(workdir: str) -> list[str]:
@@ -27,9 +28,11 @@ def plot_learning_curves(workdir: str) -> list[str]:
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)
     axes.legend()
-    path = os.path.join(workdir, f'{metric}.png')
+    path = storage.join(workdir, f'{metric}.png')
     figure.tight_layout()
-    figure.savefig(path)
+    png = io.BytesIO()  # Rendered here, then written whole: local disk or a bucket.
+    figure.savefig(png, format='png')
     plt.close(figure)
+    storage.write_bytes(path, png.getvalue())
     paths.append(path)
   return paths

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import evaluate as evaluate_lib
 from pipeline import steps
+from pipeline import storage
 from pipeline.data import images
 
 OUTPUT_FILE = 'predictions.jsonl'
@@ -33,7 +34,7 @@ def check_input(path: str) -> None:
   """Fails before anything is loaded when the input cannot exist."""
   if not path:
     raise _invalid(path, 'name an image file or folder, a text file, or - for stdin')
-  if path != '-' and not os.path.exists(path):
+  if path != '-' and not storage.exists(path):
     raise _invalid(path, 'no such file or folder')
 
 
@@ -42,30 +43,28 @@ def read_inputs(path: str, *, text: bool) -> list[str]:
 
   Args:
     path: an image file or a folder of images (read in sorted name order), or a text
-      file, or '-' for stdin.
+      file, or '-' for stdin; files and folders may be local or gs://.
     text: whether the workload classifies text.
   """
   check_input(path)
   if text:
-    if os.path.isdir(path):
+    if storage.is_dir(path):
       raise _invalid(path, 'a text model reads a text file (one text per line) or -, '
                      'not a folder')
     if path == '-':
       lines = sys.stdin.read().splitlines()
     else:
-      with open(path, encoding='utf-8') as f:
-        lines = f.read().splitlines()
+      lines = storage.read_text(path).splitlines()
     inputs = [line for line in lines if line.strip()]
     if not inputs:
       raise _invalid(path, 'no text in it (one text per line)')
     return inputs
   if path == '-':
     raise _invalid(path, 'stdin is for text models; name an image file or folder')
-  if not os.path.isdir(path):
+  if not storage.is_dir(path):
     return [path]
-  inputs = [os.path.join(path, name) for name in sorted(os.listdir(path))
-            if name.lower().endswith(images.EXTENSIONS)
-            and os.path.isfile(os.path.join(path, name))]
+  inputs = [entry for entry in storage.list_dir(path)
+            if entry.lower().endswith(images.EXTENSIONS) and storage.is_file(entry)]
   if not inputs:
     raise _invalid(path, f'the folder holds no images ({" ".join(images.EXTENSIONS)})')
   return inputs
@@ -115,12 +114,12 @@ def predict(config, workdir: str) -> list[dict[str, Any]]:
     label_id = int(np.argmax(p))
     records.append({'input': raw, 'label': names[label_id], 'label_id': label_id,
                     'probabilities': {name: float(v) for name, v in zip(names, p)}})
-  output = config.predict.output or os.path.join(workdir, OUTPUT_FILE)
+  output = config.predict.output or storage.join(workdir, OUTPUT_FILE)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, 'w', encoding='utf-8') as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + '\n')
+    if storage.is_local(output):
+      storage.make_dirs(os.path.dirname(os.path.abspath(output)))
+    storage.write_text(output, ''.join(json.dumps(record, ensure_ascii=False) + '\n'
+                                       for record in records))
   logging.info('Classified %d inputs with checkpoint step %d of %s; wrote %s.',
                len(records), step, workdir, output)
   return records

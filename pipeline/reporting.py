@@ -2,28 +2,55 @@
 
 Only the lead process writes files; the others log, so a multi-host run has one set of
 event files and one metrics.jsonl.
+
+metrics.jsonl in a bucket (gs:// workdir): an object cannot be appended to, so the writer
+keeps every record (those of earlier attempts, read back when it opens, and its own) and
+rewrites the whole object: on flush and close, and after a write once `upload_every_s`
+has passed since the last upload. The file is a few hundred bytes per logged step, and a
+preempted run flushes before it exits; a crash loses at most the last interval's records
+from the bucket (never the checkpoints). A local file is appended to and flushed per
+write, as always.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import time
 from typing import Any, Mapping
 
 from clu import metric_writers
 import numpy as np
 
+from pipeline import storage
+
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON line per write_scalars call: {"step": N, "train/loss": ...}."""
+  """One JSON line per write_scalars call: {"step": N, "train/loss": ...}.
 
-  def __init__(self, path: str):
-    self._file = open(path, 'a', encoding='utf-8')
+  Appended to a local file; rewritten whole in a bucket (see the module docstring).
+  """
+
+  def __init__(self, path: str, upload_every_s: float = 10.0, now=time.monotonic):
+    self._path, self._now = path, now
+    self._file, self._lines, self._dirty = None, [], False
+    if storage.is_local(path):
+      self._file = open(path, 'a', encoding='utf-8')
+    else:
+      self._upload_every_s, self._uploaded_at = upload_every_s, now()
+      if storage.exists(path):  # A resumed run keeps the records of earlier attempts.
+        self._lines = storage.read_text(path).splitlines(keepends=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()  # Readers (tests, dashboards) follow the file while training runs.
+    line = json.dumps(record) + '\n'
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()  # Readers (tests, dashboards) follow the file while training runs.
+      return
+    self._lines.append(line)
+    self._dirty = True
+    if self._now() - self._uploaded_at >= self._upload_every_s:
+      self.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass  # Images, texts and the rest live in the TensorBoard event files only.
@@ -47,23 +74,37 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
+    elif self._dirty:
+      storage.write_text(self._path, ''.join(self._lines))
+      self._dirty, self._uploaded_at = False, self._now()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
+    else:
+      self.flush()
+
+
+METRICS_FILE = 'metrics.jsonl'
 
 
 def make_writer(workdir: str, *, lead: bool) -> metric_writers.MetricWriter:
   if not lead:
     return metric_writers.create_default_writer(just_logging=True)
-  os.makedirs(workdir, exist_ok=True)
+  storage.make_dirs(workdir)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
+      metric_writers.create_default_writer(workdir),  # TensorFlow's writer: gs:// too.
+      JsonlWriter(storage.join(workdir, METRICS_FILE)),
   ])
+
+
+def has_jsonl(workdir: str) -> bool:
+  return storage.exists(storage.join(workdir, METRICS_FILE))
 
 
 def read_jsonl(workdir: str) -> list[dict[str, float]]:
   """All records of metrics.jsonl, for tests and plots."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = storage.read_text(storage.join(workdir, METRICS_FILE))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

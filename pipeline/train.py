@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from pipeline import prefetch
 from pipeline import reporting
 from pipeline import sharding
 from pipeline import steps
+from pipeline import storage
 from pipeline import summaries
 
 
@@ -147,7 +147,7 @@ class EarlyStopping:
 
 def _lost_steps(workdir: str, restored_step: int) -> int:
   """Steps the previous attempt logged past the checkpoint it is resumed from."""
-  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+  if not reporting.has_jsonl(workdir):
     return 0
   logged = [r['step'] for r in reporting.read_jsonl(workdir) if 'train/loss' in r]
   return max(0, max(logged, default=0) - restored_step)
@@ -253,7 +253,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   trainer = Trainer(config, workdir)
   lead = jax.process_index() == 0
   writer = reporting.make_writer(workdir, lead=lead)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
   with clock.timing('restore'):
     state, train_iter, meta = restore_or_init(trainer, ckpt)
   logging.info('Restore or init took %.2f s.', clock.seconds['restore'])

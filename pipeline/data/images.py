@@ -6,12 +6,14 @@ per-example Python loop would cost more than the model step on the small CPU hos
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from pipeline import storage
 from pipeline.data.errors import DataError
 
 # Files with these suffixes are treated as images; anything else in a folder is ignored
@@ -52,7 +54,9 @@ def decode(item: Any, *, size: tuple[int, int] | None, channels: int,
   if isinstance(item, (str, os.PathLike)):
     name = name or os.fspath(item)
     try:
-      with Image.open(item) as image:
+      # Pillow reads local files itself; a gs:// object is fetched whole (an image is small).
+      source = item if storage.is_local(item) else io.BytesIO(storage.read_bytes(item))
+      with Image.open(source) as image:
         return _to_array(image, size, channels)
     except DataError:
       raise

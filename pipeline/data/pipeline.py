@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
+from pipeline import storage
 from pipeline.data import images
 from pipeline.data import sources
 from pipeline.data import text
@@ -256,18 +256,15 @@ class Data:
     `vocabulary.json` (text only; `make_data(..., workdir=directory)` loads it) and
     `data_info.json` (label names, input shape and dtype, normalization statistics).
     """
-    os.makedirs(directory, exist_ok=True)
+    storage.make_dirs(directory)
     if self.vectorizer is not None:
-      self.vectorizer.save(os.path.join(directory, VOCABULARY_FILE))
+      self.vectorizer.save(storage.join(directory, VOCABULARY_FILE))
     info = {'name': self._name, 'label_names': list(self.label_names),
             'input_shape': list(self.input_shape),
             'input_dtype': np.dtype(self.input_dtype).name,
             'mean': None if self._mean is None else self._mean.tolist(),
             'std': None if self._std is None else self._std.tolist()}
-    path = os.path.join(directory, DATA_INFO_FILE)
-    with open(f'{path}.tmp{os.getpid()}', 'w', encoding='utf-8') as f:
-      json.dump(info, f, indent=2)
-    os.replace(f'{path}.tmp{os.getpid()}', path)
+    storage.write_text(storage.join(directory, DATA_INFO_FILE), json.dumps(info, indent=2))
 
   def _read_options(self) -> grain.ReadOptions:
     # Each element is a whole batch, so two per thread keep the threads busy without
@@ -416,8 +413,8 @@ def _vectorizer(config, texts: list[str], workdir: str | None,
                 process_index: int) -> text.Vectorizer:
   """Loads the run's vocabulary from workdir, or fits it on the train texts and saves it."""
   d = config.data
-  path = os.path.join(workdir, VOCABULARY_FILE) if workdir else None
-  if path and os.path.exists(path):
+  path = storage.join(workdir, VOCABULARY_FILE) if workdir else None
+  if path and storage.exists(path):
     vectorizer = text.Vectorizer.load(path)
     for key in ('vocab_size', 'max_len', 'remove_stopwords'):
       if getattr(vectorizer, key) != d[key]:
@@ -429,6 +426,6 @@ def _vectorizer(config, texts: list[str], workdir: str | None,
   # Every process fits the same vocabulary (same texts, deterministic ties), so only one
   # needs to write it.
   if path and process_index == 0:
-    os.makedirs(workdir, exist_ok=True)
+    storage.make_dirs(workdir)
     vectorizer.save(path)
   return vectorizer

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import string
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.data.errors import DataError
 
 PAD_ID = 0
@@ -115,17 +115,13 @@ class Vectorizer:
                remove_stopwords=data['remove_stopwords'])
 
   def save(self, path: str) -> None:
-    """Writes JSON atomically, so a concurrent reader never sees half a file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(self.to_dict(), f, ensure_ascii=False)
-    os.replace(tmp, path)
+    """Writes JSON atomically (local disk or a bucket): a reader never sees half a file."""
+    storage.write_text(path, json.dumps(self.to_dict(), ensure_ascii=False))
 
   @classmethod
   def load(cls, path: str) -> Vectorizer:
     try:
-      with open(path, encoding='utf-8') as f:
-        data = json.load(f)
+      data = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
       raise DataError(f'{path}: cannot read the vocabulary ({e})') from None
     return cls.from_dict(data, source=path)
