@@ -40,7 +40,8 @@ cpu_devices="${LAUNCH_CPU_DEVICES:-}"
 if [[ -n "$cpu_devices" ]]; then
   # Fake devices give a CPU job the topology of an accelerator one (tests, rehearsals).
   export JAX_PLATFORMS=cpu
-  XLA_FLAGS="--xla_force_host_platform_device_count=$cpu_devices${XLA_FLAGS:+ $XLA_FLAGS}"
+  # Last, so that it wins over a device count inherited from the submitting shell.
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$cpu_devices"
   export XLA_FLAGS
 fi
 

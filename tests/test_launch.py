@@ -136,8 +136,9 @@ def test_slurm_dry_run_cpu_only_with_fake_devices():
   task = _commands(_bash('slurm_run.sh', '--dry-run', '--config=c.py', '--workdir=/w',
                          env={'LAUNCH_TASKS': '2', 'LAUNCH_GPUS_PER_NODE': '0',
                               'LAUNCH_CPU_DEVICES': '4', 'XLA_FLAGS': '--xla_dump_to=/d'}))
-  assert task == ['JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 '
-                  '--xla_dump_to=/d python3 -m pipeline.main --config=c.py --workdir=/w']
+  assert task == ['JAX_PLATFORMS=cpu XLA_FLAGS=--xla_dump_to=/d '
+                  '--xla_force_host_platform_device_count=4 python3 -m pipeline.main '
+                  '--config=c.py --workdir=/w']
 
 
 def test_slurm_file_asks_for_requeue_and_an_early_signal():
