@@ -24,10 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / 'launch' / 'slurm_cluster.sh'
 CONFIG = 'configs/fashion_mnist_cnn.py:smoke'
 NUM_STEPS = 40
-# Saves only where the run stops and at the end, so a save mid-run can only be the stop.
-FLAGS = ['--config.train.log_every_steps=1', f'--config.train.eval_every_steps={NUM_STEPS}',
-         f'--config.checkpoint.every_steps={NUM_STEPS}', f'--config.train.num_steps={NUM_STEPS}',
-         '--config.optimizer.warmup_steps=3', '--config.eval.batch_size=1000']
+JOB_NAME = 'jax-pipeline-test-'  # Prefix of the jobs these tests submit.
 ENDED = ('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_MEMORY',
          'BOOT_FAIL', 'DEADLINE', 'PREEMPTED')
 
@@ -55,49 +52,68 @@ def slurm_env():
     assert stop.returncode == 0, stop.stdout + stop.stderr
 
 
-def _submit(env, tmp_path, *sbatch_args):
+def flags_for(num_steps):
+  """pipeline.main flags: one loss log a step; saves only where the run stops and at the
+  end, so that a save mid-run can only be the stop."""
+  return ['--config.train.log_every_steps=1', f'--config.train.eval_every_steps={num_steps}',
+          f'--config.checkpoint.every_steps={num_steps}', f'--config.train.num_steps={num_steps}',
+          '--config.optimizer.warmup_steps=3', '--config.eval.batch_size=1000']
+
+
+FLAGS = flags_for(NUM_STEPS)
+
+
+def submit(env, tmp_path, *sbatch_args, flags=FLAGS):
   """Submits a CPU-only 2 x 4-device job; returns (job id, workdir, log path)."""
   workdir, log = tmp_path / 'workdir', tmp_path / 'job.out'
   result = subprocess.run(
       ['bash', 'launch/slurm.sbatch', '--gpus-per-node', '0', '--tasks', '2',
-       '--cpu-devices', '4', '--job-name', f'test-{tmp_path.name}', '--output', str(log),
-       *sbatch_args, '--config', CONFIG, '--workdir', str(workdir), '--', *FLAGS],
+       '--cpu-devices', '4', '--job-name', f'{JOB_NAME}{tmp_path.name}', '--output', str(log),
+       *sbatch_args, '--config', CONFIG, '--workdir', str(workdir), '--', *flags],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
   submitted = re.search(r'Submitted batch job (\d+)', result.stdout)
   assert result.returncode == 0 and submitted, result.stdout + result.stderr
   return submitted.group(1), workdir, log
 
 
-def _job(env, job_id):
+def job_fields(env, job_id):
   """JobState, Restarts and the other fields of `scontrol show job`."""
   out = subprocess.run(['scontrol', 'show', 'job', '-o', job_id], env=env,
                        capture_output=True, text=True, timeout=30).stdout
   return dict(re.findall(r'(\w+)=(\S*)', out))
 
 
-def _read(path):
+def read(path):
   return path.read_text(errors='replace') if path.exists() else ''
 
 
-def _wait_until_ended(env, job_id, log, timeout_s=400, on_poll=None):
-  """Polls the job until it has ended; cancels it and fails on the timeout."""
+def wait_until_ended(env, job_id, log, timeout_s=400, on_poll=None):
+  """Polls the job until it has ended; returns its fields. Fails on the timeout."""
   deadline = time.time() + timeout_s
-  try:
-    while time.time() < deadline:
-      if on_poll:
-        on_poll()
-      fields = _job(env, job_id)
-      if fields.get('JobState') in ENDED:
-        return fields
-      time.sleep(0.1)
-  finally:
-    if time.time() >= deadline:
-      subprocess.run(['scancel', job_id], env=env, timeout=30, check=False)
-  pytest.fail(f'job {job_id} still {_job(env, job_id).get("JobState")} after {timeout_s} s; '
-              f'log tail:\n{_read(log)[-3000:]}')
+  while time.time() < deadline:
+    if on_poll:
+      on_poll()
+    fields = job_fields(env, job_id)
+    if fields.get('JobState') in ENDED:
+      return fields
+    time.sleep(0.1)
+  subprocess.run(['scancel', job_id], env=env, timeout=30, check=False)
+  pytest.fail(f'job {job_id} still {job_fields(env, job_id).get("JobState")} after '
+              f'{timeout_s} s; log tail:\n{read(log)[-3000:]}')
 
 
-def _task_losses(log_text):
+@pytest.fixture(autouse=True)
+def cancel_leftover_jobs(slurm_env):
+  """A test that fails mid-job must not leave the job holding the cluster's only node."""
+  yield
+  queue = subprocess.run(['squeue', '-h', '-o', '%i %j'], env=slurm_env, capture_output=True,
+                         text=True, timeout=30).stdout.split()
+  ours = [job_id for job_id, name in zip(queue[::2], queue[1::2]) if name.startswith(JOB_NAME)]
+  if ours:
+    subprocess.run(['scancel', *ours], env=slurm_env, timeout=30, check=False)
+
+
+def task_losses(log_text):
   """task -> {step: train/loss} as each task's CLU LoggingWriter printed it (%.6g)."""
   losses = {}
   for task, step, loss in re.findall(r'^(\d+): .*?\] \[(\d+)\] .*?train/loss=([0-9.e+-]+)',
@@ -106,9 +122,11 @@ def _task_losses(log_text):
   return losses
 
 
-def _jsonl_losses(workdir):
+def jsonl_losses(workdir):
   """step -> train/loss at full precision; a step logged twice keeps its last value."""
   losses = {}
+  if not (workdir / 'metrics.jsonl').exists():
+    return losses
   with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
     for line in f:
       record = json.loads(line)
@@ -117,7 +135,7 @@ def _jsonl_losses(workdir):
   return losses
 
 
-def _final_state(workdir):
+def final_state(workdir):
   """The newest checkpoint's step and state, as numpy arrays on no devices.
 
   Restoring as saved would need the job's topology (2 processes); numpy needs none.
@@ -131,7 +149,7 @@ def _final_state(workdir):
   return step, checkpointer.restore(path, restore_args=as_numpy)
 
 
-def _assert_same_arrays(a, b):
+def assert_same_arrays(a, b):
   import jax  # pylint: disable=import-outside-toplevel
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 0
@@ -143,10 +161,10 @@ def _assert_same_arrays(a, b):
 def uninterrupted(slurm_env, tmp_path_factory):
   """A 2-task job that trains NUM_STEPS steps without interruption."""
   tmp_path = tmp_path_factory.mktemp('uninterrupted')
-  job_id, workdir, log = _submit(slurm_env, tmp_path)
+  job_id, workdir, log = submit(slurm_env, tmp_path)
   started = time.time()
-  fields = _wait_until_ended(slurm_env, job_id, log)
-  text = _read(log)
+  fields = wait_until_ended(slurm_env, job_id, log)
+  text = read(log)
   print(f'uninterrupted 2-task job: {time.time() - started:.1f} s from submission to end')
   assert fields['JobState'] == 'COMPLETED' and fields['Restarts'] == '0', text[-3000:]
   return workdir, text
@@ -163,14 +181,14 @@ def test_two_tasks_log_the_losses_of_one_process(uninterrupted, tmp_path):
                          f'--workdir={one}', *FLAGS], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  reference = _jsonl_losses(one)
+  reference = jsonl_losses(one)
   steps = list(range(1, NUM_STEPS + 1))
   assert sorted(reference) == steps
   # The job's lead writes metrics.jsonl at full precision.
-  job = _jsonl_losses(workdir)
+  job = jsonl_losses(workdir)
   np.testing.assert_allclose([job[s] for s in steps], [reference[s] for s in steps], rtol=1e-6)
   # Each task's log prints 6 significant digits: 1e-6 relative beyond that rounding.
-  per_task = _task_losses(text)
+  per_task = task_losses(text)
   assert sorted(per_task) == [0, 1]
   for task, logged in per_task.items():
     assert sorted(logged) == steps, f'task {task} logged steps {sorted(logged)}'
@@ -180,73 +198,86 @@ def test_two_tasks_log_the_losses_of_one_process(uninterrupted, tmp_path):
           f'task {task} step {s}: logged {logged[s]}, 1 process {reference[s]}')
 
 
-class _Timeline:
-  """When each line (or file) first showed up, polled with the job: seconds from t0."""
+class Timeline:
+  """Seconds from its creation to the first poll that saw each event in the job's log."""
 
   def __init__(self, log, events):
     self.log, self.events, self.seen = log, events, {}
     self.t0 = time.time()
 
   def poll(self):
-    text = _read(self.log)
+    text = read(self.log)
     for name, found in self.events.items():
       if name not in self.seen and found(text):
         self.seen[name] = time.time() - self.t0
 
-
-def _stop_step(text):
-  stops = re.findall(r'Stop requested \((.*?)\) at step (\d+)', text)
-  assert stops, 'no task logged a stop'
-  return stops
+  def __str__(self):
+    return ', '.join(f'{name} {t:.1f}' for name, t in self.seen.items())
 
 
-def test_usr1_saves_requeues_and_resumes_bit_identically(slurm_env, uninterrupted, tmp_path):
-  reference_dir, _ = uninterrupted
-  job_id, workdir, log = _submit(slurm_env, tmp_path)
-  signal_after = 8
+def wait_for_step(env, job_id, workdir, log, step):
+  """Returns once the job's lead has logged `step`."""
   deadline = time.time() + 300
-  # Mid-run: the signal goes once the lead has logged this step.
-  while not (workdir / 'metrics.jsonl').exists() or max(
-      _jsonl_losses(workdir), default=0) < signal_after:
-    assert time.time() < deadline, _read(log)[-3000:]
-    assert _job(slurm_env, job_id).get('JobState') in ('PENDING', 'RUNNING'), _read(log)[-3000:]
+  while max(jsonl_losses(workdir), default=0) < step:
+    assert time.time() < deadline, read(log)[-3000:]
+    assert job_fields(env, job_id).get('JobState') in ('PENDING', 'RUNNING'), read(log)[-3000:]
     time.sleep(0.1)
-  # What SLURM sends the batch shell before the time limit (--signal=B:USR1@...).
-  subprocess.run(['scancel', '--batch', '--signal=USR1', job_id], env=slurm_env, check=True,
-                 timeout=30)
+
+
+def stop_events(workdir):
+  """What a stop, requeue and resume write to the job's log (and the step saved)."""
   stopped = {}
 
   def saved(text):
     steps = re.findall(r'Stop requested \(.*?\) at step (\d+)', text)
     if steps:
       stopped['step'] = int(steps[0])
-      return (workdir / 'checkpoints' / steps[0]).is_dir()
-    return False
+    return bool(steps) and (workdir / 'checkpoints' / steps[0]).is_dir()
 
-  timeline = _Timeline(log, {
+  def resumed(text):  # The lead logged the step after the stop, in the restarted job.
+    return 'step' in stopped and re.search(
+        rf'^0: .*?\] \[{stopped["step"] + 1}\] .*?train/loss=', text, re.M) is not None
+
+  return {
       'batch shell asks the tasks to save': lambda t: 'asking the tasks to save' in t,
       'tasks log the stop': lambda t: 'Stop requested' in t,
       'stop step committed': saved,
       'job requeued': lambda t: 'requeueing job' in t,
       'job restarted': lambda t: '(restart 1)' in t,
-      'first step after resume': lambda t: 'step' in stopped and re.search(
-          rf'^0: .*?\] \[{stopped["step"] + 1}\] .*?train/loss=', t, re.M) is not None,
-  })
-  fields = _wait_until_ended(slurm_env, job_id, log, on_poll=timeline.poll)
-  timeline.poll()
-  text = _read(log)
-  print('USR1 job, seconds after scancel --batch --signal=USR1: ' +
-        ', '.join(f'{k} {v:.1f}' for k, v in timeline.seen.items()))
+      'first step after resume': resumed,
+  }
+
+
+def assert_stopped_once_and_resumed(fields, text, timeline, num_steps, signal_after):
+  """Returns the step both tasks stopped at, saved, and resumed from."""
   assert fields['JobState'] == 'COMPLETED', text[-3000:]
   assert fields['Restarts'] == '1', text[-3000:]
-  assert len(timeline.seen) == 6, (timeline.seen, text[-3000:])
-  # Both tasks stopped at the same step, before the end, and the save is that step's.
-  stops = _stop_step(text)
-  assert len(stops) == 2 and len({step for _, step in stops}) == 1, stops
-  assert signal_after <= stopped['step'] < NUM_STEPS, stops
-  assert f'Training {NUM_STEPS} steps from step {stopped["step"]}' in text
-  step, state = _final_state(workdir)
-  reference_step, reference_state = _final_state(reference_dir)
+  assert set(timeline.seen) == set(timeline.events), (str(timeline), text[-3000:])
+  stops = re.findall(r'^(\d+): .*?Stop requested \((.*?)\) at step (\d+)', text, re.M)
+  assert sorted(task for task, _, _ in stops) == ['0', '1'], stops
+  steps = {int(step) for _, _, step in stops}
+  assert len(steps) == 1, stops  # JAX's preemption sync: the same step on every task.
+  step = steps.pop()
+  assert signal_after <= step < num_steps, stops
+  assert text.count(f'Training {num_steps} steps from step {step} ') == 2, text[-3000:]
+  return step
+
+
+def test_usr1_saves_requeues_and_resumes_bit_identically(slurm_env, uninterrupted, tmp_path):
+  reference_dir, _ = uninterrupted
+  job_id, workdir, log = submit(slurm_env, tmp_path)
+  signal_after = 8
+  wait_for_step(slurm_env, job_id, workdir, log, signal_after)
+  # What SLURM sends the batch shell before the time limit (--signal=B:USR1@...).
+  subprocess.run(['scancel', '--batch', '--signal=USR1', job_id], env=slurm_env, check=True,
+                 timeout=30)
+  timeline = Timeline(log, stop_events(workdir))
+  fields = wait_until_ended(slurm_env, job_id, log, on_poll=timeline.poll)
+  timeline.poll()
+  print(f'USR1 job, seconds after scancel --batch --signal=USR1: {timeline}')
+  assert_stopped_once_and_resumed(fields, read(log), timeline, NUM_STEPS, signal_after)
+  step, state = final_state(workdir)
+  reference_step, reference_state = final_state(reference_dir)
   assert step == reference_step == NUM_STEPS
-  _assert_same_arrays(state, reference_state)
-  assert _jsonl_losses(workdir) == _jsonl_losses(reference_dir)
+  assert_same_arrays(state, reference_state)  # Bit-identical parameters and statistics.
+  assert jsonl_losses(workdir) == jsonl_losses(reference_dir)
