@@ -50,6 +50,25 @@ def slurm_env():
     stop = subprocess.run(['bash', str(CLUSTER), 'stop'], capture_output=True, text=True,
                           timeout=300)
     assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = subprocess.run(['bash', str(CLUSTER), 'status'], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 3 and status.stdout.count('not running') == 3, status.stdout
+
+
+def test_cluster_start_again_is_a_check_and_status_lists_the_daemons(slurm_env):
+  again = subprocess.run(['bash', str(CLUSTER), 'start'], capture_output=True, text=True,
+                         timeout=60)
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert f'export SLURM_CONF={slurm_env["SLURM_CONF"]}' in again.stdout
+  status = subprocess.run(['bash', str(CLUSTER), 'status'], capture_output=True, text=True,
+                          timeout=60)
+  assert status.returncode == 0, status.stdout + status.stderr
+  for daemon in ('munged', 'slurmctld', 'slurmd'):
+    assert re.search(rf'^{daemon}: running \(pid \d+\)$', status.stdout, re.M), status.stdout
+  # The one node is usable: it matches what `slurmd -C` found (else SLURM drains it).
+  node = subprocess.run(['sinfo', '-h', '-n', 'localhost', '-o', '%T %c'], env=slurm_env,
+                        capture_output=True, text=True, timeout=30).stdout.split()
+  assert node[0] in ('idle', 'mixed', 'allocated', 'completing') and int(node[1]) >= 2, node
 
 
 def flags_for(num_steps):
