@@ -11,6 +11,10 @@ the processes come from:
   from the environment, so the launch scripts pass no coordinator flags;
 * neither: a one-process "cluster" on 127.0.0.1 with a free port.
 
+`check_platform()` follows it: with `--expect_platform=gpu|tpu` (the GPU and TPU
+launchers pass it) a process whose JAX found other devices stops before any training,
+naming the jax build to install.
+
 When a process dies, the survivors must not hang in their next collective. The
 coordination service declares a process dead after `--heartbeat_timeout_s` without a
 heartbeat and aborts the others with a message naming it (measured: 57 s after a
@@ -164,8 +168,10 @@ def check_platform() -> None:
       what JAX found and how to install the matching jax build.
   """
   expected = _flag(_EXPECT_PLATFORM)
+  if not expected:
+    return
   found = jax.default_backend()
-  if not expected or found == expected:
+  if found == expected:
     return
   passed_by, fix = _PLATFORM_HINTS[expected]
   devices = jax.local_devices()
