@@ -180,12 +180,13 @@ command -v uv > /dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
 export PATH=\$HOME/.local/bin:\$PATH; \
 uv venv --allow-existing --python $python_version .venv; . .venv/bin/activate; \
 uv pip install -c requirements.lock -e .; \
-uv pip install \"jax[tpu]==\$(python -c 'import jax; print(jax.__version__)')\""
+uv pip install -c requirements.lock \"jax[tpu]==\$(python -c 'import jax; print(jax.__version__)')\""
 
 # nohup and a detached shell keep training alive if this script's ssh session drops;
 # the exit status lands in a file that the log stream below waits for.
+# --expect_platform: a worker whose jax lacks the TPU build stops instead of using its CPU.
 train_cmd="$(quote python -m pipeline.main --config="$config" --workdir="$workdir" \
-  --mode="$mode" "${extra[@]}")"
+  --mode="$mode" --expect_platform=tpu "${extra[@]}")"
 start_cmd="cd $remote_dir && . .venv/bin/activate && rm -f \$HOME/pipeline.rc && \
 nohup bash -c $(quote "$train_cmd; echo \$? > \$HOME/pipeline.rc") > \$HOME/pipeline.log 2>&1 < /dev/null &"
 stream_cmd="tail -n +1 -F \$HOME/pipeline.log & t=\$!; \

@@ -34,6 +34,7 @@ def main(argv):
     raise app.UsageError('--config is required to train, e.g. --config=configs/default.py.')
   # Before any other JAX call: joining a cluster is impossible once a backend exists.
   multihost.initialize()
+  multihost.check_platform()  # Before anything compiles: a GPU job on CPUs stops here.
   config = _CONFIG.value
   if _MODE.value != 'train':
     from pipeline import evaluate  # pylint: disable=g-import-not-at-top

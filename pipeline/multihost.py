@@ -11,6 +11,10 @@ the processes come from:
   from the environment, so the launch scripts pass no coordinator flags;
 * neither: a one-process "cluster" on 127.0.0.1 with a free port.
 
+`check_platform()` follows it: with `--expect_platform=gpu|tpu` (the GPU and TPU
+launchers pass it) a process whose JAX found other devices stops before any training,
+naming the jax build to install.
+
 When a process dies, the survivors must not hang in their next collective. The
 coordination service declares a process dead after `--heartbeat_timeout_s` without a
 heartbeat and aborts the others with a message naming it (measured: 57 s after a
@@ -49,6 +53,24 @@ _HEARTBEAT_TIMEOUT_S = flags.DEFINE_integer(
     'A process silent this long is declared dead and the survivors exit.')
 _BARRIER_TIMEOUT_S = flags.DEFINE_float(
     'barrier_timeout_s', 600, 'Default timeout of barrier() in seconds.')
+_EXPECT_PLATFORM = flags.DEFINE_enum(
+    'expect_platform', '', ['', 'cpu', 'gpu', 'tpu'],
+    'Stop at start unless JAX runs on this platform (\'\' = any). The GPU and TPU '
+    'launchers pass it, so a CPU-only jaxlib fails loudly instead of training on CPU.')
+
+# Who passes --expect_platform, and how to get that platform's build of the pinned jax.
+_PLATFORM_HINTS = {
+    'gpu': ('launch/slurm.sbatch passes it when --gpus-per-node > 0',
+            "Install the GPU build of the pinned jax: pip install -c requirements.lock "
+            "'jax[cuda12]=={version}' (launch/slurm.sbatch "
+            'does so before submitting unless --no-jax-install), and check that the job '
+            'was given GPUs (nvidia-smi, CUDA_VISIBLE_DEVICES)'),
+    'tpu': ('launch/tpu_vm.sh passes it',
+            "Install the TPU build of the pinned jax: pip install -c requirements.lock "
+            "'jax[tpu]=={version}' (launch/tpu_vm.sh does so on every worker), and check "
+            'that this is a TPU VM'),
+    'cpu': ('given on the command line', 'Set JAX_PLATFORMS=cpu to run on the CPU'),
+}
 
 # Prefix of every key this module writes to the coordinator's key-value store, so that
 # they cannot collide with the keys JAX, Orbax or grain write there.
@@ -132,6 +154,33 @@ def initialize() -> None:
   )
   if num_processes is None or num_processes > 1:
     _exit_at_once_on_uncaught_exception()
+
+
+def check_platform() -> None:
+  """Stops the run if JAX's devices are not of the --expect_platform kind.
+
+  Runs right after `initialize()`: a GPU job whose environment holds the CPU-only
+  jaxlib (the pins name that one) would otherwise train on the host CPU, slowly and
+  without a word.
+
+  Raises:
+    RuntimeError: JAX found another platform; the message names the expected one,
+      what JAX found and how to install the matching jax build.
+  """
+  expected = _flag(_EXPECT_PLATFORM)
+  if not expected:
+    return
+  found = jax.default_backend()
+  if found == expected:
+    return
+  passed_by, fix = _PLATFORM_HINTS[expected]
+  devices = jax.local_devices()
+  raise RuntimeError(
+      f'expected {expected} devices (--expect_platform={expected}; {passed_by}) but JAX '
+      f'found only {found}: {len(devices)} local {devices[0].platform} device(s), jax '
+      f'{jax.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES")!r}, '
+      f'JAX_PLATFORMS={os.environ.get("JAX_PLATFORMS")!r}. '
+      f'{fix.format(version=jax.__version__)}.')
 
 
 def _exit_at_once_on_uncaught_exception() -> None:

@@ -1,12 +1,11 @@
 """Tests for launch/: the commands each script would run, its argument errors, and
-shellcheck. local.sh also runs for real against a stand-in pipeline.main, and the
-SLURM job's signal handling runs against stand-in srun and scontrol.
+shellcheck. local.sh also runs for real against a stand-in pipeline.main; the SLURM
+scripts run for real on a private cluster in tests/test_slurm.py.
 """
 
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
-SCRIPTS = ['local.sh', 'slurm.sbatch', 'slurm_run.sh', 'tpu_vm.sh']
+LAUNCHERS = ['local.sh', 'slurm.sbatch', 'slurm_run.sh', 'tpu_vm.sh']
+SCRIPTS = [*LAUNCHERS, 'slurm_cluster.sh']
 
 
 def _bash(script, *args, env=None, cwd=REPO, timeout=30):
@@ -35,13 +35,16 @@ def _commands(result):
 def test_help_prints_usage(script):
   result = _bash(script, '--help')
   assert result.returncode == 0, result.stderr
-  assert 'Usage' in result.stdout and '--dry-run' in result.stdout
+  assert 'Usage' in result.stdout
+  # Every launcher can show what it would run; the cluster script has nothing to preview.
+  assert ('--dry-run' in result.stdout) == (script in LAUNCHERS)
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_shellcheck_passes(script):
   if shutil.which('shellcheck') is None:
-    pytest.skip('shellcheck is not installed (apt-get install shellcheck)')
+    pytest.fail('shellcheck is not installed (make setup installs it; or apt-get install '
+                'shellcheck)')
   result = subprocess.run(['shellcheck', '--shell=bash', str(LAUNCH / script)],
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
@@ -60,12 +63,15 @@ def test_tpu_vm_dry_run_creates_installs_trains_streams_and_deletes():
   assert any(c.startswith('gcloud compute tpus tpu-vm scp ') and '--worker=all' in c
              for c in commands)
   install = [c for c in commands if c.startswith(f'{ssh} --worker=all') and 'uv pip' in c]
-  assert install and 'uv pip install -c requirements.lock -e .' in install[0] and 'jax[tpu]==' in install[0]
+  assert install and 'uv pip install -c requirements.lock -e .' in install[0]
+  assert 'uv pip install -c requirements.lock "jax[tpu]==' in install[0]
   start = [c for c in commands if 'python -m pipeline.main' in c]
   assert len(start) == 1 and start[0].startswith(f'{ssh} --worker=all')
   # The same command on every worker, no coordinator flags: JAX detects the TPU VM.
+  # --expect_platform: a worker without the TPU build of jax stops instead of using CPUs.
   assert ('python -m pipeline.main --config=configs/imagenet_resnet50.py '
-          '--workdir=gs://bucket/run --mode=train --config.num_epochs=2') in start[0]
+          '--workdir=gs://bucket/run --mode=train --expect_platform=tpu '
+          '--config.num_epochs=2') in start[0]
   assert 'coordinator' not in start[0]
   assert commands[-2].startswith(f'{ssh} --worker=0') and 'tail' in commands[-2]
   assert commands[-1] == 'gcloud compute tpus tpu-vm delete rn50 --zone=us-central2-b --quiet'
@@ -97,9 +103,14 @@ SLURM_ARGS = ['--config', 'configs/imagenet_resnet50.py', '--workdir', '/shared/
 def test_slurm_dry_run_two_nodes_of_eight_gpus():
   commands = _commands(_bash('slurm.sbatch', '--dry-run', '--nodes', '2', '--gpus-per-node',
                              '8', *SLURM_ARGS, '--', '--config.seed=1'))
-  sbatch, srun, _ = commands
+  install, sbatch, srun, _ = commands
+  # The CUDA build of the pinned jax, the version read from the lock file.
+  jax_pin = next(line for line in (REPO / 'requirements.lock').read_text().splitlines()
+                 if line.startswith('jax=='))
+  assert install == (f'python3 -m pip install -q -c {REPO}/requirements.lock '
+                     f"'jax[cuda12]=={jax_pin[5:]}'")
   assert sbatch.startswith('sbatch --nodes=2 --ntasks-per-node=8 --gres=gpu:8 '
-                           '--time=24:00:00 ')
+                           '--time=24:00:00 --signal=B:USR1@120 ')
   # The job gets the same arguments, less --dry-run.
   assert sbatch.endswith('launch/slurm.sbatch --nodes 2 --gpus-per-node 8 --config '
                          'configs/imagenet_resnet50.py --workdir /shared/run -- '
@@ -107,7 +118,27 @@ def test_slurm_dry_run_two_nodes_of_eight_gpus():
   assert srun == ('srun --kill-on-bad-exit=1 --label env LAUNCH_TASKS=per-gpu '
                   'LAUNCH_GPUS_PER_NODE=8 bash launch/slurm_run.sh '
                   '--config=configs/imagenet_resnet50.py --workdir=/shared/run '
-                  '--mode=train --config.seed=1 &')
+                  '--mode=train --expect_platform=gpu --config.seed=1 &')
+
+
+def test_slurm_dry_run_cpu_only_with_fake_devices():
+  commands = _commands(_bash('slurm.sbatch', '--dry-run', '--gpus-per-node', '0', '--tasks',
+                             '2', '--cpu-devices', '4', '--time', '00:02:00',
+                             '--signal-before', '90', '--output', '/tmp/o-%j.out',
+                             '--no-jax-install', *SLURM_ARGS))
+  sbatch, srun, _ = commands  # No jax install: CPU jobs use the pinned CPU jaxlib.
+  # --gres=none overrides the file's default GPU request.
+  assert sbatch.startswith('sbatch --nodes=1 --ntasks-per-node=2 --gres=none '
+                           '--time=00:02:00 --signal=B:USR1@90 --output=/tmp/o-%j.out ')
+  assert srun == ('srun --kill-on-bad-exit=1 --label env LAUNCH_TASKS=2 '
+                  'LAUNCH_GPUS_PER_NODE=0 LAUNCH_CPU_DEVICES=4 bash launch/slurm_run.sh '
+                  '--config=configs/imagenet_resnet50.py --workdir=/shared/run --mode=train &')
+  task = _commands(_bash('slurm_run.sh', '--dry-run', '--config=c.py', '--workdir=/w',
+                         env={'LAUNCH_TASKS': '2', 'LAUNCH_GPUS_PER_NODE': '0',
+                              'LAUNCH_CPU_DEVICES': '4', 'XLA_FLAGS': '--xla_dump_to=/d'}))
+  assert task == ['JAX_PLATFORMS=cpu XLA_FLAGS=--xla_dump_to=/d '
+                  '--xla_force_host_platform_device_count=4 python3 -m pipeline.main '
+                  '--config=c.py --workdir=/w']
 
 
 def test_slurm_file_asks_for_requeue_and_an_early_signal():
@@ -118,7 +149,7 @@ def test_slurm_file_asks_for_requeue_and_an_early_signal():
 def test_slurm_one_task_per_node_drives_all_its_gpus():
   commands = _commands(_bash('slurm.sbatch', '--dry-run', '--nodes', '2', '--tasks',
                              'per-node', *SLURM_ARGS))
-  assert '--ntasks-per-node=1 --gres=gpu:8' in commands[0]
+  assert '--ntasks-per-node=1 --gres=gpu:8' in commands[1]
   task = _commands(_bash('slurm_run.sh', '--dry-run', '--config=c.py', '--workdir=/w',
                          env={'LAUNCH_TASKS': 'per-node', 'LAUNCH_GPUS_PER_NODE': '8'}))
   assert task == ['JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 python3 -m pipeline.main '
@@ -127,53 +158,18 @@ def test_slurm_one_task_per_node_drives_all_its_gpus():
 
 @pytest.mark.parametrize('script, args, message', [
     ('slurm.sbatch', ['--config', 'c.py'], 'missing --workdir'),
-    ('slurm.sbatch', [*SLURM_ARGS, '--tasks', 'per-core'], '--tasks must be per-gpu or'),
+    ('slurm.sbatch', [*SLURM_ARGS, '--tasks', 'per-core'], '--tasks must be per-gpu, per-node'),
+    ('slurm.sbatch', [*SLURM_ARGS, '--gpus-per-node', '0'], '--tasks per-gpu needs GPUs'),
+    ('slurm.sbatch', [*SLURM_ARGS, '--tasks', '2'], 'is for CPU-only jobs'),
+    ('slurm.sbatch', [*SLURM_ARGS, '--cpu-devices', '4'], 'is for CPU-only jobs'),
+    ('slurm.sbatch', [*SLURM_ARGS, '--signal-before', '2m'], '--signal-before must be'),
     ('slurm_run.sh', [], 'missing the pipeline.main flags'),
+    ('slurm_cluster.sh', [], 'missing the action'),
+    ('slurm_cluster.sh', ['start', '--bogus'], "unknown argument '--bogus'"),
 ])
 def test_slurm_bad_arguments_fail_with_a_message(script, args, message):
   result = _bash(script, *args)
   assert result.returncode == 2 and message in result.stderr, result.stderr
-
-
-def _fake_slurm_job(tmp_path, srun_status):
-  """Runs slurm.sbatch as sbatch would, with stand-ins for srun and scontrol."""
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  (bin_dir / 'srun').write_text(
-      '#!/usr/bin/env bash\n'
-      f'trap "echo TERM >> {tmp_path}/srun.signals; exit 0" TERM\n'
-      f'echo ready > {tmp_path}/srun.ready\n'
-      f'sleep 0.5 & wait\nexit {srun_status}\n')
-  (bin_dir / 'scontrol').write_text(f'#!/usr/bin/env bash\necho "$*" > {tmp_path}/scontrol\n')
-  for tool in bin_dir.iterdir():
-    tool.chmod(0o755)
-  # sbatch runs a copy of the script named slurm_script.
-  shutil.copy(LAUNCH / 'slurm.sbatch', tmp_path / 'slurm_script')
-  env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
-  env.update(PATH=f'{bin_dir}:{env["PATH"]}', SLURM_JOB_ID='42')
-  return subprocess.Popen(['bash', str(tmp_path / 'slurm_script'), *SLURM_ARGS], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-
-
-def test_slurm_job_turns_the_time_limit_signal_into_save_and_requeue(tmp_path):
-  job = _fake_slurm_job(tmp_path, srun_status=0)
-  deadline = time.time() + 10
-  while not (tmp_path / 'srun.ready').exists():
-    assert time.time() < deadline
-    time.sleep(0.05)
-  job.send_signal(signal.SIGUSR1)
-  out, _ = job.communicate(timeout=20)
-  assert job.returncode == 0, out
-  assert (tmp_path / 'srun.signals').read_text() == 'TERM\n'  # JAX's preemption signal.
-  assert (tmp_path / 'scontrol').read_text() == 'requeue 42\n'
-
-
-def test_slurm_job_without_the_signal_returns_the_tasks_status(tmp_path):
-  job = _fake_slurm_job(tmp_path, srun_status=3)
-  out, _ = job.communicate(timeout=20)
-  assert job.returncode == 3, out
-  assert not (tmp_path / 'scontrol').exists()
 
 
 def test_local_dry_run_two_processes_of_four_devices():

@@ -206,3 +206,35 @@ def test_slurm_environment_is_detected(monkeypatch):
 
 def test_barrier_is_a_no_op_without_a_multi_process_runtime():
   multihost.barrier('anything', timeout_s=0.01)
+
+
+def test_expected_gpu_on_a_cpu_only_jax_stops_before_training(tmp_path):
+  """What a GPU job from launch/slurm.sbatch does when its jax has only the CPU build."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  workdir = tmp_path / 'run'
+  start = time.time()
+  proc = subprocess.run([sys.executable, '-m', 'pipeline.main',
+                         '--config=configs/fashion_mnist_cnn.py:smoke', f'--workdir={workdir}',
+                         '--expect_platform=gpu'], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  took = time.time() - start
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert ('RuntimeError: expected gpu devices (--expect_platform=gpu; launch/slurm.sbatch '
+          'passes it when --gpus-per-node > 0) but JAX found only cpu: 8 local cpu device(s)'
+          in proc.stderr), proc.stderr[-3000:]
+  assert f"pip install -c requirements.lock 'jax[cuda12]=={multihost.jax.__version__}'" in (
+      proc.stderr)
+  assert not workdir.exists()  # Stopped before the loop wrote anything.
+  assert took < 60, took  # Before any compilation (about 2 s here).
+
+
+@pytest.mark.parametrize('expected, fails', [('', False), ('cpu', False), ('tpu', True)])
+def test_check_platform_passes_the_platform_jax_runs_on(expected, fails):
+  with flagsaver.flagsaver(expect_platform=expected):
+    if fails:
+      with pytest.raises(RuntimeError, match=r"expected tpu devices .* found only cpu: .*"
+                         r"'jax\[tpu\]==.*launch/tpu_vm.sh does so on every worker"):
+        multihost.check_platform()
+    else:
+      multihost.check_platform()
