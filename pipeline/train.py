@@ -127,7 +127,11 @@ def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
 
 
 class EarlyStopping:
-  """Stops after `patience` evals without a `min_delta` improvement of the metric."""
+  """Stops after `patience` evals without a `min_delta` improvement of the metric.
+
+  Its state goes into every checkpoint's metadata (`state()`, `restore()`), so a resumed
+  run counts the evals before the interruption, and an early-stopped run stays stopped.
+  """
 
   def __init__(self, config):
     self.config = config.early_stopping
@@ -142,7 +146,21 @@ class EarlyStopping:
       self.best, self.bad_evals = value, 0
     else:
       self.bad_evals += 1
-    return self.bad_evals >= self.config.patience
+    return self.stopped
+
+  @property
+  def stopped(self) -> bool:
+    """Whether the run has had its `patience` (as configured now: it may be raised on a
+    resume to continue an early-stopped run) of evals without improvement."""
+    return bool(self.config.metric) and self.bad_evals >= self.config.patience
+
+  def state(self) -> dict[str, Any]:
+    return {'best': self.best, 'bad_evals': self.bad_evals}
+
+  def restore(self, saved: dict[str, Any] | None) -> None:
+    """Continues from a checkpoint's `state()`; None (a fresh run) keeps the initial one."""
+    if saved:
+      self.best, self.bad_evals = saved['best'], saved['bad_evals']
 
 
 def _lost_steps(workdir: str, restored_step: int) -> int:
@@ -258,6 +276,19 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     state, train_iter, meta = restore_or_init(trainer, ckpt)
   logging.info('Restore or init took %.2f s.', clock.seconds['restore'])
   start_step = trainer.parallel.host_step(state)
+  early = EarlyStopping(config)
+  early.restore(meta.get('early_stopping'))
+  if early.stopped:
+    # Rerunning an early-stopped workdir (a retried job, a resubmitted array task) must
+    # not train on past the point the run chose to stop at.
+    logging.warning('The run in %s stopped early at step %d (%s: %d evals without an '
+                    'improvement of %g over %s, patience %d); not training further. '
+                    'Raise early_stopping.patience to continue it.', workdir, start_step,
+                    config.early_stopping.metric, early.bad_evals,
+                    config.early_stopping.min_delta, early.best, config.early_stopping.patience)
+    ckpt.close()
+    writer.close()
+    return state
   clock.resume(meta.get('goodput', {}))
   lost_steps = _lost_steps(workdir, start_step)
   clock.add('lost_to_preemption', meta.get('step_seconds', 0.0) * lost_steps)
@@ -266,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   if lead:
     _write_start_summaries(trainer, writer, start_step)
   hooks = _hooks(config, trainer, writer if lead else None, workdir)
-  stop, early = preemption.StopRequest(ckpt.reached_preemption), EarlyStopping(config)
+  stop = preemption.StopRequest(ckpt.reached_preemption)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
   batches = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
@@ -301,18 +332,19 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       window.drain()  # Never write a checkpoint of a state whose loss is not finite.
       with clock.timing('checkpoint'):
         ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
-                  {'goodput': clock.state(), 'step_seconds': window.step_seconds},
+                  {'goodput': clock.state(), 'step_seconds': window.step_seconds,
+                   'early_stopping': early.state()},
                   eval_metrics)
     if stopping:
       logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
-                      stop.signal_name or ('early stopping' if early.bad_evals else
+                      stop.signal_name or ('early stopping' if early.stopped else
                                            'preemption notice'), step)
       break
 
   ckpt.wait_until_finished()
   batches.close()
   stop.restore()
-  if config.eval.final_split and (not stopping or early.bad_evals):
+  if config.eval.final_split and (not stopping or early.stopped):
     _evaluate_final_split(trainer, ckpt, writer)
   if lead:
     writer.write_hparams(summaries.hparams(config))
