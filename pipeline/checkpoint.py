@@ -203,6 +203,20 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
 
+  def newest_meta(self) -> dict[str, Any]:
+    """The metadata of the newest step whose metadata reads ({} when there is none).
+
+    For what a run keeps from its start (the schedule length), which every step carries
+    alike; `restore` decides which step the state comes from and what an error means.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.saved_meta(step)
+      except Exception as e:  # pylint: disable=broad-except  # restore() will report it.
+        logging.warning('Metadata of checkpoint step %d in %s does not read (%s: %s).',
+                        step, self.directory, type(e).__name__, str(e)[:300])
+    return {}
+
   def restore(self, abstract_state: Any, step: int | None = None,
               ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
     """Restores `step` (default: the newest usable) onto `abstract_state`'s shardings.

@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = _Section(section='train')
   c.train.global_batch_size = 128  # Examples per step over all processes and devices.
+  # Either duration may change on resume: that moves where the run stops, not its lr
+  # schedule, which keeps the length the run started with (checkpoint meta
+  # 'schedule_steps', with a warning) and past its end holds its final value.
   c.train.num_epochs = 0.0  # Train this many epochs (0 = use num_steps); converted once.
   c.train.num_steps = 1000  # Train steps when num_epochs is 0.
   c.train.log_every_steps = 50  # Write train metrics every this many steps.

@@ -61,12 +61,23 @@ def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, flo
 class Trainer:
   """Everything built from the config before the first step: data, model, compiled steps."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, schedule_steps: int | None = None):
+    """`schedule_steps`: the length the learning-rate schedule was built for when the run
+    started (checkpoint meta); None for a fresh run, whose schedule spans its duration."""
     self.config = config
     self.data = data_lib.make_data(config, process_index=jax.process_index(),
                                    process_count=jax.process_count(), workdir=workdir)
     self.num_steps = num_train_steps(config, self.data.train_size)
-    tx, self.learning_rate_fn = optim.make_optimizer(config, self.num_steps)
+    self.schedule_steps = schedule_steps or self.num_steps
+    if self.schedule_steps != self.num_steps:
+      # The duration may change on resume (checkpoint.RESUMABLE_KEYS); a schedule rebuilt
+      # for the new length would make the learning rate jump at the resumed step.
+      logging.warning(
+          'Training now lasts %d steps, but the learning-rate schedule keeps the %d steps '
+          'the run started with%s.', self.num_steps, self.schedule_steps,
+          f'; steps after {self.schedule_steps} train at its final value'
+          if self.num_steps > self.schedule_steps else '')
+    tx, self.learning_rate_fn = optim.make_optimizer(config, self.schedule_steps)
     self.parallel = sharding.make_parallel(config)
     self.model = models.make_model(config, axis_name=self.parallel.axis_name)
     self.init_fn = functools.partial(steps.init_state, self.model, tx, self.data.input_shape,
@@ -268,10 +279,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   Rerunning on the same workdir resumes from the newest committed checkpoint.
   """
   clock = goodput.Goodput()
-  trainer = Trainer(config, workdir)
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
+  trainer = Trainer(config, workdir, ckpt.newest_meta().get('schedule_steps'))
   lead = jax.process_index() == 0
   writer = reporting.make_writer(workdir, lead=lead)
-  ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
   with clock.timing('restore'):
     state, train_iter, meta = restore_or_init(trainer, ckpt)
   logging.info('Restore or init took %.2f s.', clock.seconds['restore'])
@@ -333,7 +344,8 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       with clock.timing('checkpoint'):
         ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
                   {'goodput': clock.state(), 'step_seconds': window.step_seconds,
-                   'early_stopping': early.state()},
+                   'early_stopping': early.state(),
+                   'schedule_steps': trainer.schedule_steps},
                   eval_metrics)
     if stopping:
       logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import types
 
 import chex
@@ -155,3 +156,39 @@ def test_resume_keeps_early_stopping_patience(tmp_path):
   state = train.train_and_evaluate(_early_stopping_config(20), workdir)
   assert int(jax.device_get(state.step)) == 6, 'patience was reset by the resume'
   assert _logged_steps(workdir) == list(range(1, 7))
+
+
+def _learning_rates(workdir):
+  """step -> learning rate; a step logged twice (redone after a restore) keeps its last."""
+  return {r['step']: r['train/learning_rate'] for r in reporting.read_jsonl(str(workdir))
+          if 'train/learning_rate' in r}
+
+
+def test_duration_change_on_resume_keeps_the_schedule(tmp_path):
+  """train.num_steps may change on resume; the warmup-cosine schedule keeps the length the
+  run started with, so the learning rate of every resumed step is the uninterrupted run's."""
+  config = _early_stopping_config(12)
+  config.early_stopping.metric = ''
+  config.optimizer.schedule = 'warmup_cosine'  # Warmup 5 steps, then cosine to step 12.
+  config.checkpoint.max_to_keep = 10
+  reference = str(tmp_path / 'uninterrupted')
+  train.train_and_evaluate(config, reference)
+  ref_lrs = _learning_rates(reference)
+  assert sorted(ref_lrs) == list(range(1, 13))
+  assert len(set(ref_lrs.values())) == 12  # Changes every step: a shift would show.
+
+  for num_steps in (9, 16):  # Shortened, then extended past the schedule's end.
+    workdir = str(tmp_path / f'resumed_{num_steps}')
+    shutil.copytree(reference, workdir)
+    # What a run killed right after saving step 6 leaves: no later checkpoint.
+    for step in _checkpoint_steps(workdir):
+      if step > 6:
+        shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+    config.train.num_steps = num_steps
+    state = train.train_and_evaluate(config, workdir)
+    assert int(jax.device_get(state.step)) == num_steps
+    lrs = _learning_rates(workdir)
+    for step in range(7, min(num_steps, 12) + 1):
+      assert lrs[step] == ref_lrs[step], (num_steps, step, lrs[step], ref_lrs[step])
+    for step in range(13, num_steps + 1):  # Past its end the schedule holds its final lr.
+      assert lrs[step] == pytest.approx(0.0), (step, lrs[step])
