@@ -352,7 +352,8 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
 def _check_metrics(config) -> None:
   """The metrics that pick the best checkpoint and steer early stopping must be ones the
   run's evaluation writes; a typo would surface as a KeyError deep inside Orbax."""
-  from pipeline import steps  # pylint: disable=g-import-not-at-top  # Loads Flax; configs need not.
+  # Imported here: it loads Flax, which importing a config file should not.
+  from pipeline import steps  # pylint: disable=g-import-not-at-top
   produced = steps.eval_metric_names()
   _check_choice(config, 'checkpoint.best_metric', produced)
   if config.early_stopping.metric:
@@ -363,7 +364,7 @@ def _check_dpsgd(config) -> None:
   """DP-SGD's guarantee needs each example's gradient clipped on its own."""
   if config.optimizer.name != 'dpsgd':
     return
-  from pipeline import models  # pylint: disable=g-import-not-at-top  # Loads Flax.
+  from pipeline import models  # pylint: disable=g-import-not-at-top  # As above.
   if config.parallelism == 'pmap':
     _fail('parallelism', config.parallelism,
           "optimizer.name='dpsgd' needs jit: under pmap the per-example gradients are "
@@ -372,8 +373,9 @@ def _check_dpsgd(config) -> None:
   if config.model.name in models.BATCH_NORM_MODELS:
     _fail('model.name', config.model.name,
           f"optimizer.name='dpsgd' needs a model without BatchNorm (not "
-          f'{", ".join(models.BATCH_NORM_MODELS)}): per-example gradients normalize each '
-          'example by its own statistics, which is not the model that is evaluated')
+          f'{", ".join(models.BATCH_NORM_MODELS)}): its per-example gradients normalize '
+          'each example by its own statistics (a batch of one), a different function from '
+          'the one evaluated, and batch statistics would mix examples')
 
 
 def _check_path(config, key: str, *, directory: bool, hint: str = '') -> None:
