@@ -337,8 +337,12 @@ def _truncate_data_json(step_dir):
       f.truncate(3)
 
 
+def _delete_state_item(step_dir):  # Orbax: the item "was not found in the checkpoint".
+  shutil.rmtree(os.path.join(step_dir, 'state'))
+
+
 @pytest.mark.parametrize('damage', [_truncate, _flip_bytes, _delete_chunks,
-                                    _truncate_data_json])
+                                    _truncate_data_json, _delete_state_item])
 def test_unreadable_newest_step_falls_back_and_is_set_aside(tmp_path, damage):
   ckpt, abstract = _two_steps(tmp_path / 'checkpoints')
   damage(str(tmp_path / 'checkpoints' / '2'))
