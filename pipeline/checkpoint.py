@@ -44,6 +44,28 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint, or a resume that would silently change the run."""
 
 
+# Status codes leading tensorstore's ValueErrors that say a step's files are missing or
+# damaged (NOT_FOUND: a chunk is gone; DATA_LOSS: it fails its checks; OUT_OF_RANGE: it
+# is shorter than its index says). UNAVAILABLE, RESOURCE_EXHAUSTED and the rest are not.
+_UNREADABLE_STATUS = ('NOT_FOUND:', 'DATA_LOSS:', 'OUT_OF_RANGE:')
+
+
+def _unreadable(error: BaseException) -> bool:
+  """Whether `error` of restoring a step says its data cannot be read back as saved.
+
+  Only then may `restore` fall back to an older step. A transient I/O error, an
+  out-of-memory or a shape/sharding mismatch would recur or go away on a rerun; treating
+  it as corruption would silently drop training and set a good step aside.
+  """
+  if isinstance(error, (json.JSONDecodeError, FileNotFoundError)):
+    return True  # A truncated JSON file (metadata, data, meta), or a missing one.
+  if isinstance(error, KeyError) and 'was not found in the checkpoint' in str(error):
+    return True  # Orbax: a whole item directory of the step is missing.
+  if isinstance(error, ValueError) and str(error).startswith(_UNREADABLE_STATUS):
+    return True
+  return error.__cause__ is not None and _unreadable(error.__cause__)
+
+
 # One dispatched computation that copies the state on its devices, keeping its sharding.
 # `jnp.copy` is a real copy under jit (an output never aliases an undonated input).
 _device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
@@ -203,14 +225,30 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
 
+  def newest_meta(self) -> dict[str, Any]:
+    """The metadata of the newest step whose metadata reads ({} when there is none).
+
+    For what a run keeps from its start (the schedule length), which every step carries
+    alike; `restore` decides which step the state comes from and what an error means.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.saved_meta(step)
+      except Exception as e:  # pylint: disable=broad-except  # restore() will report it.
+        logging.warning('Metadata of checkpoint step %d in %s does not read (%s: %s).',
+                        step, self.directory, type(e).__name__, str(e)[:300])
+    return {}
+
   def restore(self, abstract_state: Any, step: int | None = None,
               ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
     """Restores `step` (default: the newest usable) onto `abstract_state`'s shardings.
 
     The saved config is compared with ours before any array is read. A step whose files
-    are truncated or corrupt is skipped with a warning naming it and the next older
-    committed step is tried (read-only: the bad step is left where it is). Returns None
-    when there is no checkpoint at all.
+    are missing, truncated or corrupt is skipped with a warning naming it and the next
+    older committed step is tried (read-only: the bad step is left where it is); it is
+    set aside once an older step restored. Any other error (a transient I/O error, an
+    out-of-memory, a shape or sharding mismatch) raises naming the step, and sets nothing
+    aside. Returns None when there is no checkpoint at all.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
@@ -230,6 +268,12 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        if not _unreadable(e):
+          raise CheckpointError(
+              f'Restoring checkpoint step {candidate} from {self.directory} failed '
+              f'({type(e).__name__}: {e}). That is not a missing, truncated or corrupt '
+              'file, so no older step is tried and nothing is set aside: fix the cause '
+              'and rerun.') from e
         logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); falling back to '
                         'the previous committed step.', candidate, self.directory,
                         type(e).__name__, str(e)[:300])

@@ -24,12 +24,38 @@ PARALLELISM = ('jit', 'pmap')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
+class _Section(ml_collections.ConfigDict):
+  """A section of the schema that names itself in ml_collections' type errors.
+
+  A config file assigning `config.model.width = 'x'` hits ml_collections' type check, whose
+  message names only 'width'; with a dozen sections that is not enough to find the line.
+  """
+
+  def __init__(self, *args, section: str = '', **kwargs):
+    # ml_collections builds its copies as type(self)(dict, type_safe=...): keyword only.
+    super().__init__(*args, **kwargs)
+    # Outside the fields: not a config key, never saved, not seen by to_dict().
+    object.__setattr__(self, '_section', section)
+
+  def __setitem__(self, key, value):
+    try:
+      super().__setitem__(key, value)
+    except TypeError as e:
+      # Copies made by ml_collections itself (copy_and_resolve_references) lose the name
+      # and report the bare key, as ml_collections does.
+      section = self.__dict__.get('_section', '')
+      name = f'{section}.{key}' if section else key
+      expected = type(self._fields[key]).__name__ if key in self._fields else '?'
+      raise TypeError(f'config.{name}={value!r} is invalid: expected {expected}, got '
+                      f'{type(value).__name__} ({e})') from None
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full schema with defaults; config files override a few keys."""
-  c = ml_collections.ConfigDict()
+  c = _Section()
   c.seed = 0  # Seeds parameter init, dropout, data order and augmentation.
 
-  c.data = ml_collections.ConfigDict()
+  c.data = _Section(section='data')
   c.data.name = 'fashion_mnist'  # One of DATASETS.
   c.data.path = FASHION_MNIST_DIR  # IDX dir, image folder root or CSV file, by data.name.
   c.data.eval_path = ''  # image_folder/csv_text: separate eval folder/file ('' = split path).
@@ -62,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Train batches put on the devices ahead of the step, from a thread (0 = in the loop).
   c.data.device_prefetch = 2
 
-  c.model = ml_collections.ConfigDict()
+  c.model = _Section(section='model')
   c.model.name = 'cnn'  # One of MODELS.
   c.model.dtype = 'float32'  # Compute dtype, one of DTYPES; parameters stay float32.
   c.model.width = 64  # ResNet: channels of the first stage (64 for the standard nets).
@@ -74,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lstm_sizes = (128,)  # lstm: hidden size of each stacked LSTM layer.
   c.model.lstm_dense_size = 0  # lstm: dense+relu between stacked layers (0 = none).
 
-  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer = _Section(section='optimizer')
   c.optimizer.name = 'adamw'  # One of OPTIMIZERS.
   c.optimizer.learning_rate = 1e-3  # Peak learning rate.
   c.optimizer.schedule = 'warmup_cosine'  # One of SCHEDULES.
@@ -95,42 +121,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.dp_noise_multiplier = 1.1  # dpsgd: noise stddev / clip norm.
   c.optimizer.noise_eta = 0.01  # noisy_sgd: noise variance scale.
 
-  c.train = ml_collections.ConfigDict()
+  c.train = _Section(section='train')
   c.train.global_batch_size = 128  # Examples per step over all processes and devices.
+  # Either duration may change on resume: that moves where the run stops, not its lr
+  # schedule, which keeps the length the run started with (checkpoint meta
+  # 'schedule_steps', with a warning) and past its end holds its final value.
   c.train.num_epochs = 0.0  # Train this many epochs (0 = use num_steps); converted once.
   c.train.num_steps = 1000  # Train steps when num_epochs is 0.
   c.train.log_every_steps = 50  # Write train metrics every this many steps.
   c.train.eval_every_steps = 500  # Full evaluation every this many steps (and at the end).
 
-  c.eval = ml_collections.ConfigDict()
+  c.eval = _Section(section='eval')
   c.eval.batch_size = 1000  # Global eval batch; the last batch is padded and masked.
   c.eval.checkpoint_step = -1  # evaluate mode: step to restore (-1 = best, else newest).
   c.eval.final_split = ''  # Also score the model chosen on the eval split on this split.
 
-  c.predict = ml_collections.ConfigDict()
+  c.predict = _Section(section='predict')
   c.predict.input = ''  # Image file/folder, or text file (one text per line; '-' = stdin).
   c.predict.output = ''  # JSON-lines output file ('' = WORKDIR/predictions.jsonl).
   c.predict.batch_size = 64  # Inputs classified per step (padded to the device count).
 
-  c.early_stopping = ml_collections.ConfigDict()
+  c.early_stopping = _Section(section='early_stopping')
   c.early_stopping.metric = ''  # Eval metric to watch, e.g. 'eval/loss' ('' = off).
   c.early_stopping.mode = 'min'  # 'min' or 'max' for the metric.
   c.early_stopping.patience = 3  # Evals without improvement before stopping.
   c.early_stopping.min_delta = 0.0  # Smallest change that counts as an improvement.
 
-  c.profile = ml_collections.ConfigDict()
+  c.profile = _Section(section='profile')
   c.profile.start_step = -1  # First step of a jax.profiler trace window (-1 = off).
   c.profile.num_steps = 5  # Steps traced from start_step.
   c.profile.server_port = 0  # Start the profiler server on this port (0 = off).
 
-  c.mesh = ml_collections.ConfigDict()
+  c.mesh = _Section(section='mesh')
   c.mesh.data = -1  # Devices on the data axis (-1 = the rest).
   c.mesh.fsdp = 1  # Devices on the fsdp axis (-1 = the rest).
   c.mesh.dcn_data = 1  # Slices (processes where there are none) the data axis spans; 1 = one.
   c.parallelism = 'jit'  # One of PARALLELISM: jit over a Mesh, or the pmap fallback.
   c.fsdp = False  # Shard params and optimizer state over the fsdp axis.
 
-  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint = _Section(section='checkpoint')
   c.checkpoint.every_steps = 500  # Save every this many steps (and at the end).
   c.checkpoint.max_to_keep = 3  # Newest checkpoints kept.
   c.checkpoint.best_metric = 'eval/accuracy'  # Metric that picks the best checkpoint.
@@ -175,7 +204,7 @@ def _fail(key: str, value: Any, expected: str) -> None:
 def _check_choice(config, key: str, allowed: Sequence[str]) -> None:
   value = _lookup(config, key)
   if value not in allowed:
-    _fail(key, value, f'allowed values are {", ".join(allowed)}')
+    _fail(key, value, f'allowed values are {", ".join(map(str, allowed))}')
 
 
 def _lookup(config, key: str) -> Any:
@@ -192,6 +221,13 @@ def _check_positive(config, *keys: str) -> None:
       _fail(key, value, f'expected a number, got {type(value).__name__}')
     if value <= 0:
       _fail(key, value, 'must be > 0')
+
+
+def _check_non_negative(config, *keys: str) -> None:
+  for key in keys:
+    value = _lookup(config, key)
+    if value < 0:
+      _fail(key, value, 'must be >= 0')
 
 
 def _check_types(config, reference, prefix: str = '') -> None:
@@ -256,7 +292,19 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'checkpoint.every_steps', 'checkpoint.max_to_keep', 'optimizer.learning_rate',
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
       'model.hidden_size', 'model.embed_dim', 'predict.batch_size', 'early_stopping.patience',
-      'profile.num_steps')
+      'profile.num_steps', 'optimizer.dp_l2_clip', 'data.synthetic_train_size',
+      'data.synthetic_eval_size')
+  # Counts, sizes, rates and strengths where 0 means none or off, and below 0 means nothing.
+  _check_non_negative(
+      config, 'optimizer.warmup_steps', 'optimizer.clip_grad_norm',
+      'optimizer.weight_decay', 'optimizer.label_smoothing', 'optimizer.momentum',
+      'optimizer.end_lr_fraction', 'optimizer.eps', 'optimizer.dp_noise_multiplier',
+      'optimizer.noise_eta', 'early_stopping.min_delta', 'data.random_crop_pad',
+      'data.image_size', 'data.num_workers', 'data.prefetch_threads',
+      'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
+      'model.lstm_dense_size', 'profile.server_port')
+  _check_metrics(config)
+  _check_dpsgd(config)
   if config.data.device_prefetch < 0:
     _fail('data.device_prefetch', config.data.device_prefetch, 'must be >= 0 (0 = no thread)')
   if config.train.num_epochs < 0:
@@ -299,6 +347,35 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       _check_path(config, 'data.eval_path', directory=name == 'image_folder')
   elif name == 'tfds' and not config.data.tfds_name:
     _fail('data.tfds_name', '', 'name the TFDS dataset, e.g. cifar10')
+
+
+def _check_metrics(config) -> None:
+  """The metrics that pick the best checkpoint and steer early stopping must be ones the
+  run's evaluation writes; a typo would surface as a KeyError deep inside Orbax."""
+  # Imported here: it loads Flax, which importing a config file should not.
+  from pipeline import steps  # pylint: disable=g-import-not-at-top
+  produced = steps.eval_metric_names()
+  _check_choice(config, 'checkpoint.best_metric', produced)
+  if config.early_stopping.metric:
+    _check_choice(config, 'early_stopping.metric', produced)
+
+
+def _check_dpsgd(config) -> None:
+  """DP-SGD's guarantee needs each example's gradient clipped on its own."""
+  if config.optimizer.name != 'dpsgd':
+    return
+  from pipeline import models  # pylint: disable=g-import-not-at-top  # As above.
+  if config.parallelism == 'pmap':
+    _fail('parallelism', config.parallelism,
+          "optimizer.name='dpsgd' needs jit: under pmap the per-example gradients are "
+          'averaged over the devices before they are clipped, so no example is clipped on '
+          'its own and there is no privacy guarantee')
+  if config.model.name in models.BATCH_NORM_MODELS:
+    _fail('model.name', config.model.name,
+          f"optimizer.name='dpsgd' needs a model without BatchNorm (not "
+          f'{", ".join(models.BATCH_NORM_MODELS)}): its per-example gradients normalize '
+          'each example by its own statistics (a batch of one), a different function from '
+          'the one evaluated, and batch statistics would mix examples')
 
 
 def _check_path(config, key: str, *, directory: bool, hint: str = '') -> None:

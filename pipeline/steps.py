@@ -9,6 +9,7 @@ the collectives itself.
 """
 
 
+import dataclasses
 from typing import Any, Callable
 
 from clu import metrics as clu_metrics
@@ -40,6 +41,13 @@ class TrainMetrics(clu_metrics.Collection):
 class EvalMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output('loss')
   accuracy: clu_metrics.Average.from_output('correct')
+
+
+def eval_metric_names(prefix: str = 'eval') -> tuple[str, ...]:
+  """The metrics an evaluation of a split writes (`evaluate.evaluate`), e.g. 'eval/loss':
+  the names `checkpoint.best_metric` and `early_stopping.metric` may take."""
+  return tuple(f'{prefix}/{field.name}' for field in dataclasses.fields(EvalMetrics)
+               if not field.name.startswith('_'))  # CLU's own bookkeeping field.
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],

@@ -61,12 +61,23 @@ def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, flo
 class Trainer:
   """Everything built from the config before the first step: data, model, compiled steps."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, schedule_steps: int | None = None):
+    """`schedule_steps`: the length the learning-rate schedule was built for when the run
+    started (checkpoint meta); None for a fresh run, whose schedule spans its duration."""
     self.config = config
     self.data = data_lib.make_data(config, process_index=jax.process_index(),
                                    process_count=jax.process_count(), workdir=workdir)
     self.num_steps = num_train_steps(config, self.data.train_size)
-    tx, self.learning_rate_fn = optim.make_optimizer(config, self.num_steps)
+    self.schedule_steps = schedule_steps or self.num_steps
+    if self.schedule_steps != self.num_steps:
+      # The duration may change on resume (checkpoint.RESUMABLE_KEYS); a schedule rebuilt
+      # for the new length would make the learning rate jump at the resumed step.
+      logging.warning(
+          'Training now lasts %d steps, but the learning-rate schedule keeps the %d steps '
+          'the run started with%s.', self.num_steps, self.schedule_steps,
+          f'; steps after {self.schedule_steps} train at its final value'
+          if self.num_steps > self.schedule_steps else '')
+    tx, self.learning_rate_fn = optim.make_optimizer(config, self.schedule_steps)
     self.parallel = sharding.make_parallel(config)
     self.model = models.make_model(config, axis_name=self.parallel.axis_name)
     self.init_fn = functools.partial(steps.init_state, self.model, tx, self.data.input_shape,
@@ -127,7 +138,11 @@ def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
 
 
 class EarlyStopping:
-  """Stops after `patience` evals without a `min_delta` improvement of the metric."""
+  """Stops after `patience` evals without a `min_delta` improvement of the metric.
+
+  Its state goes into every checkpoint's metadata (`state()`, `restore()`), so a resumed
+  run counts the evals before the interruption, and an early-stopped run stays stopped.
+  """
 
   def __init__(self, config):
     self.config = config.early_stopping
@@ -142,7 +157,21 @@ class EarlyStopping:
       self.best, self.bad_evals = value, 0
     else:
       self.bad_evals += 1
-    return self.bad_evals >= self.config.patience
+    return self.stopped
+
+  @property
+  def stopped(self) -> bool:
+    """Whether the run has had its `patience` (as configured now: it may be raised on a
+    resume to continue an early-stopped run) of evals without improvement."""
+    return bool(self.config.metric) and self.bad_evals >= self.config.patience
+
+  def state(self) -> dict[str, Any]:
+    return {'best': self.best, 'bad_evals': self.bad_evals}
+
+  def restore(self, saved: dict[str, Any] | None) -> None:
+    """Continues from a checkpoint's `state()`; None (a fresh run) keeps the initial one."""
+    if saved:
+      self.best, self.bad_evals = saved['best'], saved['bad_evals']
 
 
 def _lost_steps(workdir: str, restored_step: int) -> int:
@@ -250,14 +279,27 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   Rerunning on the same workdir resumes from the newest committed checkpoint.
   """
   clock = goodput.Goodput()
-  trainer = Trainer(config, workdir)
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
+  trainer = Trainer(config, workdir, ckpt.newest_meta().get('schedule_steps'))
   lead = jax.process_index() == 0
   writer = reporting.make_writer(workdir, lead=lead)
-  ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
   with clock.timing('restore'):
     state, train_iter, meta = restore_or_init(trainer, ckpt)
   logging.info('Restore or init took %.2f s.', clock.seconds['restore'])
   start_step = trainer.parallel.host_step(state)
+  early = EarlyStopping(config)
+  early.restore(meta.get('early_stopping'))
+  if early.stopped:
+    # Rerunning an early-stopped workdir (a retried job, a resubmitted array task) must
+    # not train on past the point the run chose to stop at.
+    logging.warning('The run in %s stopped early at step %d (%s: %d evals without an '
+                    'improvement of %g over %s, patience %d); not training further. '
+                    'Raise early_stopping.patience to continue it.', workdir, start_step,
+                    config.early_stopping.metric, early.bad_evals,
+                    config.early_stopping.min_delta, early.best, config.early_stopping.patience)
+    ckpt.close()
+    writer.close()
+    return state
   clock.resume(meta.get('goodput', {}))
   lost_steps = _lost_steps(workdir, start_step)
   clock.add('lost_to_preemption', meta.get('step_seconds', 0.0) * lost_steps)
@@ -266,7 +308,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   if lead:
     _write_start_summaries(trainer, writer, start_step)
   hooks = _hooks(config, trainer, writer if lead else None, workdir)
-  stop, early = preemption.StopRequest(ckpt.reached_preemption), EarlyStopping(config)
+  stop = preemption.StopRequest(ckpt.reached_preemption)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
   batches = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
@@ -301,18 +343,20 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       window.drain()  # Never write a checkpoint of a state whose loss is not finite.
       with clock.timing('checkpoint'):
         ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
-                  {'goodput': clock.state(), 'step_seconds': window.step_seconds},
+                  {'goodput': clock.state(), 'step_seconds': window.step_seconds,
+                   'early_stopping': early.state(),
+                   'schedule_steps': trainer.schedule_steps},
                   eval_metrics)
     if stopping:
       logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
-                      stop.signal_name or ('early stopping' if early.bad_evals else
+                      stop.signal_name or ('early stopping' if early.stopped else
                                            'preemption notice'), step)
       break
 
   ckpt.wait_until_finished()
   batches.close()
   stop.restore()
-  if config.eval.final_split and (not stopping or early.bad_evals):
+  if config.eval.final_split and (not stopping or early.stopped):
     _evaluate_final_split(trainer, ckpt, writer)
   if lead:
     writer.write_hparams(summaries.hparams(config))

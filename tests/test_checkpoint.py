@@ -283,3 +283,109 @@ def test_failed_background_save_names_the_step(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'CheckpointError: Saving checkpoint step 5 in .*checkpoints failed',
                    result.stdout), result.stdout + result.stderr[-3000:]
+
+
+# In-process restore policy: which errors on the newest step fall back to an older one.
+
+def _two_steps(directory):
+  """A Checkpointer over `directory` holding steps 1 and 2 of a small state, and its
+  abstract state (the shapes and shardings restore reads onto)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  config = config_lib.base_config()
+  config.checkpoint.async_save = False
+  ckpt = checkpoint.Checkpointer(str(directory), config)
+  for step in (1, 2):
+    state = {'w': jnp.full((16, 64), float(step)), 'b': jnp.arange(7.0) + step}
+    ckpt.save(step, state, {'position': step}, {'goodput': {}})
+  ckpt.wait_until_finished()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          state)
+  return ckpt, abstract
+
+
+def _files(step_dir, under='state'):
+  for root, _, files in os.walk(os.path.join(step_dir, under)):
+    for name in files:
+      yield os.path.join(root, name)
+
+
+def _truncate(step_dir):
+  for path in _files(step_dir):
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 3)
+
+
+def _flip_bytes(step_dir):  # Orbax/tensorstore: DATA_LOSS.
+  for path in _files(step_dir):
+    if os.sep + 'd' + os.sep in path:
+      data = bytearray(open(path, 'rb').read())
+      data[::7] = bytes(b ^ 0xFF for b in data[::7])
+      open(path, 'wb').write(bytes(data))
+
+
+def _delete_chunks(step_dir):  # Orbax/tensorstore: NOT_FOUND.
+  for path in list(_files(step_dir)):
+    if os.sep + 'd' + os.sep in path:
+      os.remove(path)
+
+
+def _truncate_data_json(step_dir):
+  for path in _files(step_dir, 'data'):
+    with open(path, 'r+b') as f:
+      f.truncate(3)
+
+
+def _delete_state_item(step_dir):  # Orbax: the item "was not found in the checkpoint".
+  shutil.rmtree(os.path.join(step_dir, 'state'))
+
+
+@pytest.mark.parametrize('damage', [_truncate, _flip_bytes, _delete_chunks,
+                                    _truncate_data_json, _delete_state_item])
+def test_unreadable_newest_step_falls_back_and_is_set_aside(tmp_path, damage):
+  ckpt, abstract = _two_steps(tmp_path / 'checkpoints')
+  damage(str(tmp_path / 'checkpoints' / '2'))
+  state, data, meta = ckpt.restore(abstract)
+  assert meta['step'] == 1 and data == {'position': 1}
+  np.testing.assert_array_equal(np.asarray(state['w']), np.full((16, 64), 1.0))
+  names = os.listdir(tmp_path / 'checkpoints')
+  assert '2' not in names and any(n.startswith('2.unreadable') for n in names), names
+  ckpt.close()
+
+
+def test_transient_read_error_raises_and_sets_nothing_aside(tmp_path):
+  """An I/O error (EIO) reading a good step is not corruption: resuming an older step
+  would silently drop training and set a good checkpoint aside."""
+  import errno  # pylint: disable=import-outside-toplevel
+  ckpt, abstract = _two_steps(tmp_path / 'checkpoints')
+  real_restore, calls = ckpt.manager.restore, []
+
+  def flaky_restore(step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) == 1:
+      raise OSError(errno.EIO, 'Input/output error', str(tmp_path / 'checkpoints' / '2'))
+    return real_restore(step, *args, **kwargs)
+
+  ckpt.manager.restore = flaky_restore
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'step 2 .*OSError.*Input/output error'):
+    ckpt.restore(abstract)
+  assert calls == [2]  # No older step was tried.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  # The step was good: once the error is gone it restores.
+  _, _, meta = ckpt.restore(abstract)
+  assert meta['step'] == 2
+  ckpt.close()
+
+
+def test_shape_mismatch_raises_and_sets_nothing_aside(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  ckpt, abstract = _two_steps(tmp_path / 'checkpoints')
+  abstract['w'] = jax.ShapeDtypeStruct((8, 64), abstract['w'].dtype,
+                                       sharding=abstract['w'].sharding)
+  with pytest.raises(checkpoint.CheckpointError, match=r'step 2 .*not compatible with the '
+                     r'stored shape'):
+    ckpt.restore(abstract)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  ckpt.close()

@@ -97,3 +97,65 @@ def test_wrong_type_is_named():
 def test_mesh_shape_fills_the_rest():
   assert config_lib.mesh_shape(_base(**{'mesh.data': -1, 'mesh.fsdp': 2}), 8) == (4, 2)
   assert config_lib.mesh_shape(_base(**{'mesh.data': 2, 'mesh.fsdp': -1}), 8) == (2, 4)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'data.channels': 2}, r'config.data.channels=2.*allowed values are 1, 3'),
+    ({'optimizer.warmup_steps': -1}, r'config.optimizer.warmup_steps=-1.*must be >= 0'),
+    ({'optimizer.clip_grad_norm': -0.5}, r'config.optimizer.clip_grad_norm=-0.5.*must be >= 0'),
+    ({'optimizer.weight_decay': -0.1}, r'config.optimizer.weight_decay=-0.1.*must be >= 0'),
+    ({'optimizer.label_smoothing': -0.1}, r'optimizer.label_smoothing=-0.1.*must be >= 0'),
+    ({'optimizer.momentum': -0.9}, r'config.optimizer.momentum=-0.9.*must be >= 0'),
+    ({'optimizer.end_lr_fraction': -1.0}, r'optimizer.end_lr_fraction=-1.0.*must be >= 0'),
+    ({'optimizer.dp_noise_multiplier': -1.0}, r'optimizer.dp_noise_multiplier.*must be >= 0'),
+    ({'optimizer.dp_l2_clip': 0.0}, r'config.optimizer.dp_l2_clip=0.0.*must be > 0'),
+    ({'early_stopping.min_delta': -0.01}, r'early_stopping.min_delta=-0.01.*must be >= 0'),
+    ({'data.random_crop_pad': -2}, r'config.data.random_crop_pad=-2.*must be >= 0'),
+    ({'data.image_size': -32}, r'config.data.image_size=-32.*must be >= 0'),
+    ({'data.num_workers': -1}, r'config.data.num_workers=-1.*must be >= 0'),
+    ({'checkpoint.best_metric': 'eval/acc'},
+     r"config.checkpoint.best_metric='eval/acc'.*allowed values are .*eval/accuracy"),
+    ({'early_stopping.metric': 'val/loss'},
+     r"config.early_stopping.metric='val/loss'.*allowed values are .*eval/loss"),
+    ({'optimizer.name': 'dpsgd', 'model.name': 'cnn', 'parallelism': 'pmap'},
+     r"config.parallelism='pmap'.*optimizer.name='dpsgd'.*per-example"),
+    ({'optimizer.name': 'dpsgd', 'model.name': 'cnn_bn'},
+     r"config.model.name='cnn_bn'.*optimizer.name='dpsgd'.*BatchNorm"),
+    ({'optimizer.name': 'dpsgd', 'model.name': 'resnet18'},
+     r"config.model.name='resnet18'.*optimizer.name='dpsgd'.*BatchNorm"),
+])
+def test_more_validation_names_the_key(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(_base(**overrides), num_devices=8, num_processes=1)
+
+
+def test_metrics_the_run_produces_are_accepted():
+  # Each eval metric the run writes may pick the best checkpoint and steer early stopping.
+  from pipeline import steps  # pylint: disable=import-outside-toplevel
+  names = steps.eval_metric_names()
+  assert {'eval/loss', 'eval/accuracy'} <= set(names), names
+  for name in names:
+    config_lib.validate(_base(**{'checkpoint.best_metric': name,
+                                 'early_stopping.metric': name}),
+                        num_devices=8, num_processes=1)
+  # DP-SGD itself is fine with a model without BatchNorm under jit.
+  config_lib.validate(_base(**{'optimizer.name': 'dpsgd', 'model.name': 'cnn'}),
+                      num_devices=8, num_processes=1)
+
+
+def test_config_file_assigning_a_wrong_type_names_the_section(tmp_path):
+  """Loaded the way --config loads it: ml_collections' own type check must name the key
+  with its section, not only 'width'."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'bad.py'
+  path.write_text('from pipeline import config as config_lib\n\n\n'
+                  'def get_config():\n'
+                  '  config = config_lib.base_config()\n'
+                  "  config.model.width = 'x'\n"
+                  '  return config\n')
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'test', flag_values=flag_values)
+  with pytest.raises(flags.IllegalFlagValueError, match=r"config.model.width='x'.*expected "
+                     r'int, got str'):
+    flag_values(['prog', f'--config={path}'])

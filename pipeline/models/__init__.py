@@ -35,7 +35,8 @@ _MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     'lstm': lstm.from_config,
 }
 
-_BATCH_NORM_MODELS = ('cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small')
+# Models whose training normalizes each batch by its own statistics.
+BATCH_NORM_MODELS = ('cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small')
 
 
 def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None) -> nn.Module:
@@ -51,7 +52,7 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None) 
   if name not in _MODELS:
     raise ValueError(
         f'config.model.name={name!r} is invalid: valid names are {", ".join(_MODELS)}.')
-  if name in _BATCH_NORM_MODELS:
+  if name in BATCH_NORM_MODELS:
     # As in Keras, a frozen backbone's BatchNorm runs in inference mode while the head
     # trains, so training normalizes exactly as evaluation will.
     frozen_norm = any(p.rstrip('/') == 'backbone' for p in config.freeze)
