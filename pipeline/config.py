@@ -188,13 +188,18 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A config saved as JSON (checkpoint metadata) back as a ConfigDict: JSON has no
-  tuples, and every sequence in the schema is one."""
+  """A config saved as JSON (checkpoint metadata) back as a ConfigDict of the schema.
+
+  Keys added to the schema since the run saved it take their defaults; JSON has no tuples,
+  and every sequence in the schema is one.
+  """
   def restore(value):
     if isinstance(value, dict):
       return {k: restore(v) for k, v in value.items()}
     return tuple(map(restore, value)) if isinstance(value, list) else value
-  return ml_collections.ConfigDict(restore(saved))
+  config = base_config()
+  config.update(restore(saved))
+  return config
 
 
 def _fail(key: str, value: Any, expected: str) -> None:

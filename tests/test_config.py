@@ -2,11 +2,13 @@
 
 import glob
 import importlib.util
+import json
 import os
 
 import ml_collections
 import pytest
 
+from configs import fashion_mnist_cnn
 from pipeline import config as config_lib
 
 CONFIG_FILES = sorted(p for p in glob.glob('configs/*.py') if not p.endswith('__init__.py'))
@@ -159,3 +161,15 @@ def test_config_file_assigning_a_wrong_type_names_the_section(tmp_path):
   with pytest.raises(flags.IllegalFlagValueError, match=r"config.model.width='x'.*expected "
                      r'int, got str'):
     flag_values(['prog', f'--config={path}'])
+
+
+def test_a_saved_config_reads_back_with_the_schemas_types_and_new_keys():
+  """What evaluate and predict modes run with: the JSON of a checkpoint's metadata."""
+  saved = json.loads(fashion_mnist_cnn.get_config('smoke').to_json())
+  del saved['mesh']['dcn_data']  # A run saved before this key existed.
+  del saved['profile']
+  config = config_lib.from_saved(saved)
+  assert config.mesh.dcn_data == 1 and config.profile.num_steps == 5  # The defaults.
+  assert config.data.random_crop_pad == 2 and config.train.num_steps == 30
+  assert isinstance(config.data.synthetic_shape, tuple)
+  config_lib.validate(config, num_devices=8, num_processes=1)
