@@ -2,6 +2,7 @@
 exits non-zero with the stacks and the stuck phase in its log, instead of hanging."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -131,3 +132,88 @@ def test_a_data_read_that_never_returns_stops_the_run_within_the_timeout(tmp_pat
   # The stack shows where: Pillow opening the FIFO, called from the image folder's probe.
   assert 'in _probe' in output and 'images.py' in output, output[-5000:]
   assert seconds < 10 + 30, seconds
+
+
+class _Output:
+  """A child's merged output, read by a thread, so waiting for a line can time out."""
+
+  def __init__(self, proc):
+    self.lines = []
+    self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+    self.thread.start()
+
+  @property
+  def text(self):
+    return ''.join(self.lines)
+
+  def wait_for(self, needle, timeout):
+    deadline = time.monotonic() + timeout
+    while needle not in self.text:
+      assert time.monotonic() < deadline, f'no {needle!r} in:\n{self.text[-3000:]}'
+      time.sleep(0.2)
+
+
+def test_a_data_read_that_hangs_mid_training_names_the_data_phase(tmp_path):
+  folder = _image_folder(str(tmp_path / 'images'))
+  proc = _main(str(tmp_path / 'run'), '--config.data.name=image_folder',
+               f'--config.data.path={folder}', '--config.data.num_classes=2',
+               '--config.train.global_batch_size=8', '--config.eval.batch_size=8',
+               '--config.data.validation_fraction=0.25', '--config.train.num_steps=100000',
+               '--config.train.eval_every_steps=100000', '--config.checkpoint.every_steps=100000',
+               '--config.watchdog.timeout_s=10')
+  try:
+    output = _Output(proc)
+    output.wait_for('Train step compiled', timeout=120)
+    # Every image becomes a FIFO: the next read of any of them never returns.
+    for c in (0, 1):
+      for name in os.listdir(os.path.join(folder, f'c{c}')):
+        path = os.path.join(folder, f'c{c}', name)
+        os.remove(path)
+        os.mkfifo(path)
+    start = time.monotonic()
+    proc.wait(timeout=60)
+    seconds = time.monotonic() - start
+    output.thread.join(10)
+  finally:
+    proc.kill()
+  print(f'data read hung mid-training: exited {proc.returncode} {seconds:.1f} s after')
+  assert proc.returncode == watchdog.EXIT_CODE, output.text[-3000:]
+  assert re.search(r'stuck in data at step \d+', output.text), output.text[-3000:]
+  assert 'in decode' in output.text, output.text[-5000:]  # The read thread, in Pillow's open.
+  assert seconds < 10 + 30, seconds
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_a_stopped_peer_makes_the_other_process_exit_naming_it(tmp_path):
+  """SIGSTOP freezes process 1 whole (its heartbeats too): process 0 must not hang."""
+  address = f'127.0.0.1:{_free_port()}'
+  procs = [_main(str(tmp_path / 'run'), f'--coordinator_address={address}',
+                 '--num_processes=2', f'--process_id={i}', '--config.train.num_steps=100000',
+                 '--config.train.log_every_steps=1', '--config.train.eval_every_steps=100000',
+                 '--config.checkpoint.every_steps=100000', devices=4) for i in range(2)]
+  try:
+    outputs = [_Output(p) for p in procs]
+    for output in outputs:
+      output.wait_for('[3] ', timeout=240)  # Both are training.
+    os.kill(procs[1].pid, signal.SIGSTOP)
+    start = time.monotonic()
+    procs[0].wait(timeout=150)
+    seconds = time.monotonic() - start
+    outputs[0].thread.join(10)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+      proc.kill()
+      proc.wait()
+  print(f'peer stopped: process 0 exited {procs[0].returncode} {seconds:.1f} s after')
+  assert procs[0].returncode != 0
+  # JAX's coordination service names the silent process ('tasks ... unhealthy: 1').
+  assert re.search(r'stopped sending heartbeats\):\s*1\s', outputs[0].text), \
+      outputs[0].text[-3000:]
+  assert seconds < 120, seconds
