@@ -15,7 +15,7 @@ the stall thread keeps `faulthandler`'s own C-level timer armed a little beyond
 `timeout_s`, which dumps the stacks and exits with status 1 without needing the GIL.
 
 With several processes, each publishes its last phase and step to the coordinator's
-key-value store every few seconds (off the training thread), so the stall report names
+key-value store every 2 s (off the training thread), so the stall report names
 the peers that have stopped progressing as well.
 """
 
@@ -37,8 +37,11 @@ from absl import logging
 EXIT_CODE = 75
 # Prefix of this module's keys in the coordinator's key-value store.
 _KV_PREFIX = 'pipeline_watchdog'
-# The most the stall thread sleeps between checks, and the publishing period.
+# The most the stall thread sleeps between checks.
 _MAX_POLL_S = 5.0
+# How often each process publishes its progress: one small RPC to the coordinator, off
+# the training thread; often enough that a stall report's steps are near the truth.
+_PUBLISH_S = 2.0
 # faulthandler's fallback timer fires this long after the stall thread should have.
 _FALLBACK_MARGIN_S = 30.0
 
@@ -161,7 +164,7 @@ class Watchdog:
 
   def _publish_loop(self) -> None:
     client, pid = _distributed_client(), _process_id()
-    while not self._done.wait(_MAX_POLL_S):
+    while not self._done.wait(_PUBLISH_S):
       since, phase, step, _ = self._last
       try:
         # Wall time, not monotonic: a peer reads it. Hosts' clocks are NTP-close.
