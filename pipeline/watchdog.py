@@ -12,7 +12,8 @@ then lose its heartbeat and stop within `--heartbeat_timeout_s`, naming it.
 
 A thread stuck in C code that holds the GIL would freeze this thread too; for that case
 the stall thread keeps `faulthandler`'s own C-level timer armed a little beyond
-`timeout_s`, which dumps the stacks and exits with status 1 without needing the GIL.
+`timeout_s`, which dumps the stacks (under 'Timeout (H:MM:SS)!', without the phase) and
+exits with status 1 without needing the GIL.
 
 With several processes, each publishes its last phase and step to the coordinator's
 key-value store every 2 s (off the training thread), so the stall report names
@@ -42,7 +43,8 @@ _MAX_POLL_S = 5.0
 # How often each process publishes its progress: one small RPC to the coordinator, off
 # the training thread; often enough that a stall report's steps are near the truth.
 _PUBLISH_S = 2.0
-# faulthandler's fallback timer fires this long after the stall thread should have.
+# faulthandler's fallback timer fires this long (or timeout_s, if shorter) after the
+# stall thread should have: room for a stall thread merely slowed by a busy GIL.
 _FALLBACK_MARGIN_S = 30.0
 
 
@@ -106,9 +108,10 @@ class Watchdog:
   def start(self) -> Watchdog:
     if self.timeout_s <= 0 or self._threads:
       return self
+    publish = _distributed_client() is not None  # Imports jax: before the clock starts.
     self._last = (time.monotonic(),) + self._last[1:]
     self._threads = [threading.Thread(target=self._check_loop, name='watchdog', daemon=True)]
-    if _distributed_client() is not None:
+    if publish:
       self._threads.append(threading.Thread(target=self._publish_loop,
                                             name='watchdog_publish', daemon=True))
     for thread in self._threads:
@@ -143,7 +146,8 @@ class Watchdog:
         self._fire(idle, phase, step, batch)
       # Re-armed on every check, so it only fires if this thread stops checking.
       faulthandler.dump_traceback_later(
-          self.timeout_s - idle + self._poll_s + _FALLBACK_MARGIN_S, exit=True,
+          self.timeout_s - idle + self._poll_s + min(_FALLBACK_MARGIN_S, self.timeout_s),
+          exit=True,
           file=_stderr_fd())
       self._fallback_armed = True
 

@@ -57,6 +57,21 @@ def test_a_stalled_process_dumps_every_stack_names_the_phase_and_exits_75():
   assert 'Current thread' in proc.stderr and 'in blocked_reader' in proc.stderr
 
 
+def test_a_thread_stuck_holding_the_gil_is_caught_by_the_fallback_timer():
+  """C code that never releases the GIL freezes the stall thread too; faulthandler's own
+  C timer, which the stall thread keeps pushing back, dumps the stacks and exits."""
+  proc, seconds = _python('''
+      import ctypes, time
+      from pipeline import watchdog
+      dog = watchdog.Watchdog(1.0).start()
+      time.sleep(0.3)  # Lets the stall thread arm the timer once.
+      ctypes.PyDLL(None).sleep(60)  # libc sleep called with the GIL held.
+      ''')
+  assert proc.returncode == 1, proc.stderr[-3000:]  # faulthandler's exit status.
+  assert seconds < 30, seconds
+  assert 'Timeout (0:00:0' in proc.stderr and 'Thread' in proc.stderr, proc.stderr[-3000:]
+
+
 def test_progress_keeps_it_quiet_and_close_stops_it():
   proc, _ = _python('''
       import time
