@@ -51,7 +51,8 @@ def test_a_stalled_process_dumps_every_stack_names_the_phase_and_exits_75():
       ''')
   assert proc.returncode == watchdog.EXIT_CODE, proc.stderr[-3000:]
   assert seconds < 30, seconds
-  assert 'no progress for 1 s (watchdog.timeout_s=1) on process 0' in proc.stderr
+  assert re.search(r'no progress for \d+ s \(watchdog.timeout_s=1\) on process 0',
+                   proc.stderr), proc.stderr[-3000:]
   assert 'stuck in eval at step 7, batch 3' in proc.stderr
   # faulthandler's dump: the main thread in sleep and the deadlocked one in acquire.
   assert 'Current thread' in proc.stderr and 'in blocked_reader' in proc.stderr
