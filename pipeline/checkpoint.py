@@ -37,7 +37,7 @@ RESUMABLE_KEYS = (
     'data.prefetch_threads', 'data.device_prefetch', 'debug_nans', 'data.path', 'data.eval_path',
     'data.tfds_data_dir', 'predict.input', 'predict.output', 'predict.batch_size',
     'early_stopping.patience', 'early_stopping.min_delta', 'profile.start_step',
-    'profile.num_steps', 'profile.server_port', 'eval.final_split')
+    'profile.num_steps', 'profile.server_port', 'eval.final_split', 'watchdog.timeout_s')
 
 
 class CheckpointError(RuntimeError):

@@ -171,6 +171,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.device_snapshot = True
   c.checkpoint.allow_config_change = False  # Resume even if non-allow-listed keys changed.
 
+  c.watchdog = _Section(section='watchdog')
+  # Exit (status 75) after this many seconds without progress (step, eval batch,
+  # checkpoint phase), dumping every thread's stack; must exceed the compile time. 0 = off.
+  c.watchdog.timeout_s = 1800.0
+
   c.init_from = ''  # Checkpoint dir whose params initialize this run ('' = fresh init).
   c.init_from_step = -1  # Step of init_from to load (-1 = newest).
   c.init_prefixes = ()  # Param path prefixes taken from init_from (empty = all that fit).
@@ -307,7 +312,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.noise_eta', 'early_stopping.min_delta', 'data.random_crop_pad',
       'data.image_size', 'data.num_workers', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
-      'model.lstm_dense_size', 'profile.server_port')
+      'model.lstm_dense_size', 'profile.server_port', 'watchdog.timeout_s')
   _check_metrics(config)
   _check_dpsgd(config)
   if config.data.device_prefetch < 0:

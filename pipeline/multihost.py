@@ -20,8 +20,12 @@ coordination service declares a process dead after `--heartbeat_timeout_s` witho
 heartbeat and aborts the others with a message naming it (measured: 57 s after a
 SIGKILL with the default 60 s; at once if process 0, the coordinator, dies). A process
 that raises exits at once rather than waiting in JAX's exit barrier, so that the same
-applies to crashes. Stopping a process takes SIGKILL: once the runtime is up, SIGTERM
-only marks a preemption (the loop saves and exits at its next step).
+applies to crashes; and one that is alive but makes no progress (a hung read, a
+deadlock) exits through its stall watchdog (pipeline/watchdog.py), so it applies to
+stalls too. A frozen process (SIGSTOP) sends no heartbeats: measured, the other exits
+33-50 s later with the default 60 s, naming it. Stopping a process takes SIGKILL: once
+the runtime is up, SIGTERM only marks a preemption (the loop saves and exits at its next
+step).
 """
 
 from __future__ import annotations

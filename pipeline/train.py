@@ -27,6 +27,7 @@ from pipeline import sharding
 from pipeline import steps
 from pipeline import storage
 from pipeline import summaries
+from pipeline import watchdog
 
 
 def num_train_steps(config, train_size: int) -> int:
@@ -65,6 +66,7 @@ class Trainer:
     """`schedule_steps`: the length the learning-rate schedule was built for when the run
     started (checkpoint meta); None for a fresh run, whose schedule spans its duration."""
     self.config = config
+    self.watchdog = watchdog.Watchdog(0)  # Off; the training loop sets its own.
     self.data = data_lib.make_data(config, process_index=jax.process_index(),
                                    process_count=jax.process_count(), workdir=workdir)
     self.num_steps = num_train_steps(config, self.data.train_size)
@@ -112,6 +114,7 @@ class Trainer:
   def evaluate(self, state: steps.TrainState, split: str | None = None) -> dict[str, float]:
     batches = self.data.eval_batches() if split is None else self.data.split_batches(split)
     prefix = 'eval' if split is None else split
+    batches = self.watchdog.watch(batches, prefix)
     return evaluate_lib.evaluate(self.eval_step, state, batches, self.parallel, prefix)
 
 
@@ -274,6 +277,13 @@ def _hooks(config, trainer: Trainer, writer, workdir: str) -> list[Any]:
 
 
 def train_and_evaluate(config, workdir: str) -> steps.TrainState:
+  """Trains `config` in `workdir` under the stall watchdog (`config.watchdog`)."""
+  # Closed however the loop ends: a caller's process (a test, a notebook) lives on.
+  with watchdog.Watchdog.from_config(config) as dog:
+    return _train_and_evaluate(config, workdir, dog)
+
+
+def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.TrainState:
   """Trains `config` in `workdir`, evaluating every `eval_every_steps` and at the end.
 
   Rerunning on the same workdir resumes from the newest committed checkpoint.
@@ -281,8 +291,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   clock = goodput.Goodput()
   ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
   trainer = Trainer(config, workdir, ckpt.newest_meta().get('schedule_steps'))
+  trainer.watchdog = dog
   lead = jax.process_index() == 0
   writer = reporting.make_writer(workdir, lead=lead)
+  dog.progress('restore', 0)
   with clock.timing('restore'):
     state, train_iter, meta = restore_or_init(trainer, ckpt)
   logging.info('Restore or init took %.2f s.', clock.seconds['restore'])
@@ -315,9 +327,12 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                                     config.data.device_prefetch)
 
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
+    dog.progress('data', step)
     with clock.timing('data_wait'):
       batch = next(batches)
+    dog.progress('train', step)
     if step == start_step + 1:
+      dog.progress('compile', step)
       compile_start = time.perf_counter()
       window.flops = trainer.compile_train_step(state, batch)
       compile_seconds = time.perf_counter() - compile_start
@@ -325,6 +340,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
                    window.flops)
       window.restart()
+      dog.progress('train', step)
     state, metrics = trainer.train_step(state, batch)
     window.push(metrics, step)
     for hook in hooks:
@@ -341,6 +357,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       window.restart()  # Eval time is not training throughput.
     if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
       window.drain()  # Never write a checkpoint of a state whose loss is not finite.
+      dog.progress('checkpoint', step)
       with clock.timing('checkpoint'):
         ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
                   {'goodput': clock.state(), 'step_seconds': window.step_seconds,
@@ -353,6 +370,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                                            'preemption notice'), step)
       break
 
+  dog.progress('checkpoint_wait', dog.step)
   ckpt.wait_until_finished()
   batches.close()
   stop.restore()

@@ -76,6 +76,7 @@ def _base(**overrides):
     ({'data.name': 'tfds'}, r'data.tfds_name'),
     ({'optimizer.grad_accum_steps': 3}, r'optimizer.grad_accum_steps=3'),
     ({'optimizer.boundaries': (10,)}, r'optimizer.scales'),
+    ({'watchdog.timeout_s': -1.0}, r'config.watchdog.timeout_s=-1.0.*must be >= 0'),
 ])
 def test_validation_names_the_key(overrides, match):
   with pytest.raises(ValueError, match=match):
