@@ -47,6 +47,12 @@ class StopRequest:
     # Called every step on every host: the sync point needs each host's step.
     return self._reached_preemption(step) or self._flag.is_set()
 
+  def requested(self) -> bool:
+    """Whether this process was asked to stop and may act on it alone, now (between
+    eval batches, during start-up): a lone process only. With several, the stop must
+    come at a step all agree on (`should_stop`), so this stays False."""
+    return self._flag.is_set()
+
   def restore(self) -> None:
     """Puts the previous handlers back (tests run several loops in one process)."""
     for sig, handler in self._previous.items():
