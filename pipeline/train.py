@@ -342,13 +342,14 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       with clock.timing('data_wait'):
         batch = next(batches)
       if step == start_step + 1:
-        compile_start = time.perf_counter()
-        window.flops = trainer.compile_train_step(state, batch)
-        compile_seconds = time.perf_counter() - compile_start
-        clock.add('compile', compile_seconds)
-        logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
-                     window.flops)
-        window.restart()
+        if not stop.requested():  # A stop during start-up need not wait for a compile.
+          compile_start = time.perf_counter()
+          window.flops = trainer.compile_train_step(state, batch)
+          compile_seconds = time.perf_counter() - compile_start
+          clock.add('compile', compile_seconds)
+          logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
+                       window.flops)
+          window.restart()
         if stop.requested():  # Still start-up: nothing trained since the restore.
           logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
                           stop.signal_name)
