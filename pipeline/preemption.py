@@ -6,7 +6,8 @@ SIGTERM, and `CheckpointManager.reached_preemption(step)` turns true on every ho
 same step. SIGINT and SIGUSR1 are forwarded to SIGTERM to take that path too. A lone
 process needs no agreement, so it handles all three itself and stops after the current
 step (the sync service would only add a second or so of latency); it still polls the
-sync manager for preemption notices that do not come as signals.
+sync manager for preemption notices that do not come as signals, and acts on a signal
+at once where a step boundary is far (`requested`: between eval batches, in start-up).
 """
 
 from __future__ import annotations

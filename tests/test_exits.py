@@ -125,6 +125,7 @@ def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(tm
     out = f.read()
   assert proc.returncode == 0, out[-3000:]
   assert 'Stop requested during the eval of step 3: eval abandoned' in out, out[-3000:]
+  print(f'SIGTERM during eval: exited {took:.2f} s after the signal')
   assert took < 10, f'exited {took:.1f} s after SIGTERM'
   assert _committed_steps(workdir) == [3]
   assert max(_losses(workdir)) == 3
@@ -168,4 +169,5 @@ def test_sigterm_during_start_up_exits_cleanly_writing_no_checkpoint(tmp_path):
   assert 'during start-up: exiting, nothing saved' in out, out[-3000:]
   assert _committed_steps(workdir) == []
   assert not _losses(workdir)
+  print(f'SIGTERM during start-up: exited {took:.2f} s after the signal')
   assert took < 10, f'exited {took:.1f} s after SIGTERM'
