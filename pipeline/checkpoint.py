@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from pipeline import exits
 from pipeline import multihost
 from pipeline import optim
 from pipeline import storage
@@ -31,7 +32,7 @@ from pipeline import storage
 RESUMABLE_KEYS = (
     'train.num_steps', 'train.num_epochs', 'train.log_every_steps', 'train.eval_every_steps',
     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'checkpoint.async_save',
-    'checkpoint.device_snapshot',
+    'checkpoint.device_snapshot', 'checkpoint.exit_wait_s',
     'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',
     'mesh.data', 'mesh.fsdp', 'mesh.dcn_data', 'parallelism', 'fsdp', 'data.num_workers',
     'data.prefetch_threads', 'data.device_prefetch', 'debug_nans', 'data.path', 'data.eval_path',
@@ -42,6 +43,11 @@ RESUMABLE_KEYS = (
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint, or a resume that would silently change the run."""
+
+
+class SaveError(CheckpointError):
+  """A save failed or did not commit; the run exits with exits.SAVE_LOST."""
+  exit_code = exits.SAVE_LOST
 
 
 # Status codes leading tensorstore's ValueErrors that say a step's files are missing or
@@ -184,13 +190,18 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
+      raise SaveError(f'Saving checkpoint step {step} in {self.directory} failed: '
                             f'{e}') from e
 
   def saving(self) -> bool:
     """Whether a save is still being taken or written (never blocks)."""
     return ((self._submitted is not None and not self._submitted.done())
             or self.manager.is_saving_in_progress())
+
+  @property
+  def unchecked_step(self) -> int | None:
+    """The step of the newest save not yet known to have committed (None: none)."""
+    return self._in_flight_step
 
   def _wait_submitted(self) -> None:
     """Waits until Orbax has taken the submitted save (not until it is written)."""

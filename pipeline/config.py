@@ -169,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   # save thread, so the loop does not wait for the host transfer. Holds a second copy of
   # the state in device memory until it is on the host; False when it does not fit twice.
   c.checkpoint.device_snapshot = True
+  # On an error, how long the exit waits for a save in flight to commit (a dead peer
+  # would make it wait forever); past it the step is logged as lost.
+  c.checkpoint.exit_wait_s = 120.0
   c.checkpoint.allow_config_change = False  # Resume even if non-allow-listed keys changed.
 
   c.watchdog = _Section(section='watchdog')
@@ -300,6 +303,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       config, 'data.num_classes', 'train.global_batch_size', 'train.log_every_steps',
       'train.eval_every_steps', 'eval.batch_size',
       'checkpoint.every_steps', 'checkpoint.max_to_keep', 'optimizer.learning_rate',
+      'checkpoint.exit_wait_s',
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
       'model.hidden_size', 'model.embed_dim', 'predict.batch_size', 'early_stopping.patience',
       'profile.num_steps', 'optimizer.dp_l2_clip', 'data.synthetic_train_size',

@@ -24,14 +24,22 @@ MODE_KEY_PREFIXES = ('eval.', 'predict.')
 
 
 def evaluate(eval_step: Callable, state: steps.TrainState, batches: Iterable[dict[str, np.ndarray]],
-             parallel: Any, prefix: str = 'eval') -> dict[str, float]:
+             parallel: Any, prefix: str = 'eval',
+             stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
   """Runs `eval_step` over one pass of `batches` and returns `{prefix}/loss`, `/accuracy`.
 
   Metrics are merged on device as exact (total, count) pairs, so the result does not
   depend on the batch size, the padding of the last batch or the number of processes.
+  With `stop`, the pass is abandoned (None returned) as soon as `stop()` is true between
+  batches; the host then stays at most one batch ahead of the devices, so that what is
+  abandoned is not left queued on them.
   """
   merged = None
   for batch in batches:
+    if stop is not None:
+      if stop():
+        return None
+      jax.block_until_ready(merged)
     metrics = eval_step(state, parallel.shard_batch(batch))
     merged = metrics if merged is None else merged.merge(metrics)
   if merged is None:

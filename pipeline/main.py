@@ -14,6 +14,7 @@ import jax
 from ml_collections import config_flags
 
 from pipeline import config as config_lib
+from pipeline import exits
 from pipeline import multihost
 
 # The default is the schema itself, so that --config.KEY overrides parse without --config.
@@ -50,7 +51,8 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   if _MODE.value == 'train':
     from pipeline import train
-    train.train_and_evaluate(config, _WORKDIR.value)
+    with exits.exit_codes(jax.process_count()):
+      train.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'evaluate':
     from pipeline import evaluate
     evaluate.evaluate_checkpoint(config, _WORKDIR.value)

@@ -42,6 +42,8 @@ from jax._src import clusters as jax_clusters
 from jax._src import distributed as jax_distributed
 from jax._src import xla_bridge
 
+from pipeline import exits
+
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', '',
     'host:port of process 0\'s coordinator; \'\' = auto (cluster or one local process).')
@@ -206,7 +208,7 @@ def _exit_at_once_on_uncaught_exception() -> None:
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
+    os._exit(exits.code_for(exc))  # pylint: disable=protected-access
 
   sys.excepthook = excepthook
 

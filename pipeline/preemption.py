@@ -6,7 +6,8 @@ SIGTERM, and `CheckpointManager.reached_preemption(step)` turns true on every ho
 same step. SIGINT and SIGUSR1 are forwarded to SIGTERM to take that path too. A lone
 process needs no agreement, so it handles all three itself and stops after the current
 step (the sync service would only add a second or so of latency); it still polls the
-sync manager for preemption notices that do not come as signals.
+sync manager for preemption notices that do not come as signals, and acts on a signal
+at once where a step boundary is far (`requested`: between eval batches, in start-up).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class StopRequest:
   def should_stop(self, step: int) -> bool:
     # Called every step on every host: the sync point needs each host's step.
     return self._reached_preemption(step) or self._flag.is_set()
+
+  def requested(self) -> bool:
+    """Whether this process was asked to stop and may act on it alone, now (between
+    eval batches, during start-up): a lone process only. With several, the stop must
+    come at a step all agree on (`should_stop`), so this stays False."""
+    return self._flag.is_set()
 
   def restore(self) -> None:
     """Puts the previous handlers back (tests run several loops in one process)."""

@@ -16,6 +16,7 @@ import numpy as np
 from pipeline import checkpoint
 from pipeline import data as data_lib
 from pipeline import evaluate as evaluate_lib
+from pipeline import exits
 from pipeline import goodput
 from pipeline import models
 from pipeline import optim
@@ -111,11 +112,15 @@ class Trainer:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', 0.0))
 
-  def evaluate(self, state: steps.TrainState, split: str | None = None) -> dict[str, float]:
+  def evaluate(self, state: steps.TrainState, split: str | None = None,
+               stop=None) -> dict[str, float] | None:
+    """The metrics of one pass over `split` (default: the eval split); None if `stop()`
+    turned true between its batches."""
     batches = self.data.eval_batches() if split is None else self.data.split_batches(split)
     prefix = 'eval' if split is None else split
     batches = self.watchdog.watch(batches, prefix)
-    return evaluate_lib.evaluate(self.eval_step, state, batches, self.parallel, prefix)
+    return evaluate_lib.evaluate(self.eval_step, state, batches, self.parallel, prefix,
+                                 stop=stop)
 
 
 def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer):
@@ -194,8 +199,12 @@ def _write_start_summaries(trainer: Trainer, writer, step: int) -> None:
     writer.write_images(step, {'train/inputs': summaries.image_grid(batch['input'])})
 
 
-def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool) -> dict[str, float]:
-  metrics = trainer.evaluate(state)
+def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool,
+              stop=None) -> dict[str, float] | None:
+  metrics = trainer.evaluate(state, stop=stop)
+  if metrics is None:
+    logging.warning('Stop requested during the eval of step %d: eval abandoned.', step)
+    return None
   writer.write_scalars(step, metrics)
   logging.info('step %d: %s', step, metrics)
   if len(trainer.data.input_shape) == 3:
@@ -289,6 +298,9 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   Rerunning on the same workdir resumes from the newest committed checkpoint.
   """
   clock = goodput.Goodput()
+  # First, so that a stop during start-up exits cleanly (checked after the restore and
+  # the compile); `ckpt` is bound just below, before any step can be checked.
+  stop = preemption.StopRequest(lambda step: ckpt.reached_preemption(step))
   ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
   trainer = Trainer(config, workdir, ckpt.newest_meta().get('schedule_steps'))
   trainer.watchdog = dog
@@ -301,6 +313,13 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   start_step = trainer.parallel.host_step(state)
   early = EarlyStopping(config)
   early.restore(meta.get('early_stopping'))
+  if stop.requested():  # A stop during the restore: nothing trained, nothing to save.
+    logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
+                    stop.signal_name)
+    stop.restore()
+    ckpt.close()
+    writer.close()
+    return state
   if early.stopped:
     # Rerunning an early-stopped workdir (a retried job, a resubmitted array task) must
     # not train on past the point the run chose to stop at.
@@ -309,9 +328,12 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
                     'Raise early_stopping.patience to continue it.', workdir, start_step,
                     config.early_stopping.metric, early.bad_evals,
                     config.early_stopping.min_delta, early.best, config.early_stopping.patience)
+    stop.restore()
     ckpt.close()
     writer.close()
     return state
+  if meta.get('eval_pending'):  # A stop abandoned this step's eval; it runs now.
+    early.update(_evaluate(trainer, state, writer, start_step, lead))
   clock.resume(meta.get('goodput', {}))
   lost_steps = _lost_steps(workdir, start_step)
   clock.add('lost_to_preemption', meta.get('step_seconds', 0.0) * lost_steps)
@@ -320,55 +342,65 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   if lead:
     _write_start_summaries(trainer, writer, start_step)
   hooks = _hooks(config, trainer, writer if lead else None, workdir)
-  stop = preemption.StopRequest(ckpt.reached_preemption)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
   batches = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
                                     config.data.device_prefetch)
 
-  for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
-    dog.progress('data', step)
-    with clock.timing('data_wait'):
-      batch = next(batches)
-    dog.progress('train', step)
-    if step == start_step + 1:
-      dog.progress('compile', step)
-      compile_start = time.perf_counter()
-      window.flops = trainer.compile_train_step(state, batch)
-      compile_seconds = time.perf_counter() - compile_start
-      clock.add('compile', compile_seconds)
-      logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
-                   window.flops)
-      window.restart()
+  # An exception (a non-finite loss, a crash) first lets a started save commit.
+  with exits.keep_started_save(ckpt, config.checkpoint.exit_wait_s, batches.close,
+                               stop.restore):
+    for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
+      dog.progress('data', step)
+      with clock.timing('data_wait'):
+        batch = next(batches)
       dog.progress('train', step)
-    state, metrics = trainer.train_step(state, batch)
-    window.push(metrics, step)
-    for hook in hooks:
-      hook(step)
-    last, stopping = step == trainer.num_steps, stop.should_stop(step)
-    if step % cfg.log_every_steps == 0 or last or stopping:
-      writer.write_scalars(step, {**window.flush(), **clock.scalars()})
-      window.restart()
-    eval_metrics = None
-    if step % cfg.eval_every_steps == 0 or last:
-      window.drain()  # A non-finite loss stops here, before an eval of a broken state.
-      eval_metrics = _evaluate(trainer, state, writer, step, lead)
-      stopping = early.update(eval_metrics) or stopping
-      window.restart()  # Eval time is not training throughput.
-    if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
-      window.drain()  # Never write a checkpoint of a state whose loss is not finite.
-      dog.progress('checkpoint', step)
-      with clock.timing('checkpoint'):
-        ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
-                  {'goodput': clock.state(), 'step_seconds': window.step_seconds,
-                   'early_stopping': early.state(),
-                   'schedule_steps': trainer.schedule_steps},
-                  eval_metrics)
-    if stopping:
-      logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
-                      stop.signal_name or ('early stopping' if early.stopped else
-                                           'preemption notice'), step)
-      break
+      if step == start_step + 1:
+        if not stop.requested():  # A stop during start-up need not wait for a compile.
+          dog.progress('compile', step)
+          compile_start = time.perf_counter()
+          window.flops = trainer.compile_train_step(state, batch)
+          compile_seconds = time.perf_counter() - compile_start
+          clock.add('compile', compile_seconds)
+          logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
+                       window.flops)
+          window.restart()
+          dog.progress('train', step)
+        if stop.requested():  # Still start-up: nothing trained since the restore.
+          logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
+                          stop.signal_name)
+          stopping = True
+          break
+      state, metrics = trainer.train_step(state, batch)
+      window.push(metrics, step)
+      for hook in hooks:
+        hook(step)
+      last, stopping = step == trainer.num_steps, stop.should_stop(step)
+      if step % cfg.log_every_steps == 0 or last or stopping:
+        writer.write_scalars(step, {**window.flush(), **clock.scalars()})
+        window.restart()
+      eval_metrics, eval_pending = None, False
+      if step % cfg.eval_every_steps == 0 or last:
+        window.drain()  # A non-finite loss stops here, before an eval of a broken state.
+        eval_metrics = _evaluate(trainer, state, writer, step, lead, stop.requested)
+        eval_pending = eval_metrics is None  # Abandoned for a stop: saved now, run on resume.
+        stopping = eval_pending or early.update(eval_metrics) or stopping
+        window.restart()  # Eval time is not training throughput.
+      if step % config.checkpoint.every_steps == 0 or last or stopping or eval_metrics:
+        window.drain()  # Never write a checkpoint of a state whose loss is not finite.
+        dog.progress('checkpoint', step)
+        with clock.timing('checkpoint'):
+          ckpt.save(step, trainer.parallel.for_saving(state), batches.get_state(),
+                    {'goodput': clock.state(), 'step_seconds': window.step_seconds,
+                     'early_stopping': early.state(),
+                     'schedule_steps': trainer.schedule_steps,
+                     'eval_pending': eval_pending},
+                    eval_metrics)
+      if stopping:
+        logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
+                        stop.signal_name or ('early stopping' if early.stopped else
+                                             'preemption notice'), step)
+        break
 
   dog.progress('checkpoint_wait', dog.step)
   ckpt.wait_until_finished()

@@ -32,10 +32,11 @@ from typing import Any, Iterable, Iterator
 
 from absl import logging
 
-# EX_TEMPFAIL of sysexits.h, "temporary failure; the user is invited to retry": distinct
-# from a crash (1) and an abort (134), so a scheduler or a retry loop can tell a stall,
-# which a restart usually cures, from a bug, which it does not.
-EXIT_CODE = 75
+from pipeline import exits
+
+# Distinct from a crash (1) and an abort (134), so a scheduler or a retry loop can tell a
+# stall, which a restart usually cures, from a bug, which it does not (exits.py's table).
+EXIT_CODE = exits.STALLED
 # Prefix of this module's keys in the coordinator's key-value store.
 _KV_PREFIX = 'pipeline_watchdog'
 # The most the stall thread sleeps between checks.
