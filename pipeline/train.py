@@ -17,6 +17,7 @@ from pipeline import checkpoint
 from pipeline import data as data_lib
 from pipeline import evaluate as evaluate_lib
 from pipeline import goodput
+from pipeline import ledger as ledger_lib
 from pipeline import models
 from pipeline import optim
 from pipeline import plots
@@ -311,7 +312,11 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   stop = preemption.StopRequest(ckpt.reached_preemption)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
-  batches = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
+  ledger = ledger_lib.Ledger(trainer.data, workdir, start_step,
+                             global_batch_size=cfg.global_batch_size,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  batches = prefetch.DevicePrefetch(train_iter, ledger.device_put(trainer.parallel.shard_batch),
                                     config.data.device_prefetch)
 
   for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
@@ -326,6 +331,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                    window.flops)
       window.restart()
     state, metrics = trainer.train_step(state, batch)
+    ledger.record(step)
     window.push(metrics, step)
     for hook in hooks:
       hook(step)
@@ -355,6 +361,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   ckpt.wait_until_finished()
   batches.close()
+  ledger.close()
   stop.restore()
   if config.eval.final_split and (not stopping or early.stopped):
     _evaluate_final_split(trainer, ckpt, writer)
