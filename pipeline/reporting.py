@@ -41,7 +41,11 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._lines = storage.read_text(path).splitlines(keepends=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    record = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+    self.write_record(
+        {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}})
+
+  def write_record(self, record: Mapping[str, Any]) -> None:
+    """One JSON line of any JSON values (the data ledger's records carry strings)."""
     line = json.dumps(record) + '\n'
     if self._file is not None:
       self._file.write(line)

@@ -18,6 +18,7 @@ from pipeline import data as data_lib
 from pipeline import evaluate as evaluate_lib
 from pipeline import exits
 from pipeline import goodput
+from pipeline import ledger as ledger_lib
 from pipeline import models
 from pipeline import optim
 from pipeline import plots
@@ -344,12 +345,16 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   hooks = _hooks(config, trainer, writer if lead else None, workdir)
   window, cfg, stopping = TrainWindow(trainer, clock), config.train, False
 
-  batches = prefetch.DevicePrefetch(train_iter, trainer.parallel.shard_batch,
+  ledger = ledger_lib.Ledger(trainer.data, workdir, start_step,
+                             global_batch_size=cfg.global_batch_size,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  batches = prefetch.DevicePrefetch(train_iter, ledger.device_put(trainer.parallel.shard_batch),
                                     config.data.device_prefetch)
 
   # An exception (a non-finite loss, a crash) first lets a started save commit.
   with exits.keep_started_save(ckpt, config.checkpoint.exit_wait_s, batches.close,
-                               stop.restore):
+                               ledger.close, stop.restore):
     for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
       dog.progress('data', step)
       with clock.timing('data_wait'):
@@ -372,6 +377,7 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
           stopping = True
           break
       state, metrics = trainer.train_step(state, batch)
+      ledger.record(step)
       window.push(metrics, step)
       for hook in hooks:
         hook(step)
@@ -405,6 +411,7 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   dog.progress('checkpoint_wait', dog.step)
   ckpt.wait_until_finished()
   batches.close()
+  ledger.close()
   stop.restore()
   if config.eval.final_split and (not stopping or early.stopped):
     _evaluate_final_split(trainer, ckpt, writer)

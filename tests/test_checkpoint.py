@@ -22,6 +22,7 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline import config as config_lib
+from pipeline import ledger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 24
@@ -108,8 +109,14 @@ def reference(tmp_path_factory):
 
 
 def test_sigterm_at_random_steps_resumes_bit_identically(reference, tmp_path):
-  _, ref_losses, (ref_step, ref_state) = reference
+  ref_dir, ref_losses, (ref_step, ref_state) = reference
   assert sorted(ref_losses) == list(range(1, NUM_STEPS + 1))
+  ref_ledger = ledger.read(ref_dir)
+  assert [r['step'] for r in ref_ledger if 'digest' in r] == list(range(1, NUM_STEPS + 1))
+  epochs = [r for r in ref_ledger if 'epoch' in r]
+  # An epoch is 4 steps; every one of the 256 train examples once in each.
+  assert [r['epoch'] for r in epochs] == list(range(NUM_STEPS // 4))
+  assert all(r['distinct'] == r['examples'] == 256 for r in epochs), epochs
   rng = random.Random(0)
   # Before the first checkpoint (8), around the async save at 8, after epoch boundaries.
   targets = [rng.randint(1, 6), 8, rng.randint(13, 20)]
@@ -125,6 +132,8 @@ def test_sigterm_at_random_steps_resumes_bit_identically(reference, tmp_path):
     assert step == ref_step == NUM_STEPS
     _assert_trees_equal(state, ref_state)  # Bit-identical parameters and statistics.
     assert _losses(workdir) == ref_losses, f'stopped at {stopped_at}'
+    # The same examples in the same order, every lost step's record replaced.
+    assert ledger.read(workdir) == ref_ledger, f'stopped at {stopped_at}'
 
 
 def test_sigkill_during_async_save_falls_back(reference, tmp_path):

@@ -30,6 +30,7 @@ from tensorboard.util import tensor_util
 from configs import fashion_mnist_cnn
 from launch import gcs_emulator
 from pipeline import checkpoint
+from pipeline import ledger
 from pipeline import predict
 from pipeline import config as config_lib
 from pipeline import reporting
@@ -163,10 +164,12 @@ def test_gs_workdir_trains_resumes_evaluates_predicts_like_local(gcs_env, tmp_pa
   # metrics.jsonl kept the first attempt's records across the resume.
   losses = _losses(workdir)
   assert losses == _losses(local) and sorted(losses) == list(range(1, NUM_STEPS + 1))
+  # The ledger object, rewritten without the lost steps on resume, equals the local run's.
+  assert ledger.read(workdir) == ledger.read(local) != []
 
   # Every artifact is an object in the bucket.
   names = {b.name for b in gcs.Client().list_blobs(BUCKET, prefix='run/')}
-  for name in ('metrics.jsonl', 'loss.png', 'accuracy.png', 'eval_results.json',
+  for name in ('metrics.jsonl', 'ledger.jsonl', 'loss.png', 'accuracy.png', 'eval_results.json',
                'predictions.jsonl', f'checkpoints/{NUM_STEPS}/commit_success.txt'):
     assert f'run/{name}' in names, sorted(names)
   assert any(n.startswith(f'run/checkpoints/{NUM_STEPS}/state/') for n in names)

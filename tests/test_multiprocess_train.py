@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from pipeline import ledger
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--config.train.log_every_steps=1', '--config.train.eval_every_steps=10',
          '--config.checkpoint.every_steps=5', '--config.train.num_steps=10',
@@ -87,6 +89,8 @@ def test_two_processes_match_one_and_checkpoints_cross_resume(tmp_path, one_proc
                              rtol=1e-6)
 
   # The 2-process checkpoint resumes in 1 process, and the 1-process one in 2 processes.
+  # The lead of two processes derived the global batches the single process read.
+  assert ledger.read(two) == ledger.read(one)
   _one_process(two, '--config.train.num_steps=14')
   one = _resume_copy(one, str(tmp_path / 'one'))
   _two_processes(one, '--config.train.num_steps=14')
@@ -94,6 +98,9 @@ def test_two_processes_match_one_and_checkpoints_cross_resume(tmp_path, one_proc
   assert sorted(resumed_in_one) == sorted(resumed_in_two) == list(range(1, 15))
   np.testing.assert_allclose([resumed_in_one[s] for s in range(11, 15)],
                              [resumed_in_two[s] for s in range(11, 15)], rtol=1e-6)
+  two_then_one, one_then_two = ledger.read(two), ledger.read(one)
+  assert [r['step'] for r in two_then_one if 'digest' in r] == list(range(1, 15))
+  assert two_then_one == one_then_two
 
 
 def test_pmap_across_processes_matches_jit_and_checkpoints_cross_modes(tmp_path,

@@ -156,8 +156,10 @@ class Data:
   """A dataset ready to batch for one process; build it with `make_data`.
 
   Batches are dicts of numpy arrays: 'input' [B, ...] (float32 NHWC images, int32 token
-  ids with 0 = pad, or float32 vectors), 'label' int32 [B], and for eval 'mask' bool [B]
-  (False on padding). B is the global batch divided by the process count.
+  ids with 0 = pad, or float32 vectors), 'label' int32 [B], for train 'index' int64 [B]
+  (each example's index in the train split, checked and recorded by `pipeline.ledger` and
+  not for the devices), and for eval 'mask' bool [B] (False on padding). B is the global
+  batch divided by the process count.
 
   Attributes:
     train_size: examples in the train split (N).
@@ -216,6 +218,14 @@ class Data:
     fingerprint = {'seed': self._seed, 'global_batch_size': self._global_batch,
                    'train_size': self.train_size}
     return TrainIterator(self._train_stream, start_step, fingerprint)
+
+  def train_indices(self, positions: np.ndarray) -> np.ndarray:
+    """The train-split index of the example at each position of the global train stream.
+
+    Step k's global batch is positions [k*G, (k+1)*G), process p's block p of it (see the
+    module docstring); this is the order `train_iter` reads, for any process.
+    """
+    return self._order.indices(np.asarray(positions, np.int64))
 
   def eval_batches(self) -> BatchPass:
     """One exact pass over the eval split (`eval_split`), padded and masked."""
@@ -284,11 +294,12 @@ class Data:
     size = self.per_process_batch_size
     start = step * self._global_batch + self._process_index * size
     positions = np.arange(start, start + size, dtype=np.int64)
-    inputs, labels = self._splits[self.train_split].read(self._order.indices(positions))
+    indices = self._order.indices(positions)
+    inputs, labels = self._splits[self.train_split].read(indices)
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
                               pad=self._crop_pad, flip=self._flip)
-    return {'input': self._finish(inputs), 'label': labels.astype(np.int32)}
+    return {'input': self._finish(inputs), 'label': labels.astype(np.int32), 'index': indices}
 
   def _eval_batch_at(self, split, batch: int) -> dict[str, np.ndarray]:
     size = self._eval_batch // self._process_count
