@@ -116,7 +116,7 @@ class Checkpointer:
                read_only: bool = False):
     self.config = config
     self.read_only = read_only
-    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self.directory = os.path.abspath(directory) if storage.is_local(directory) else directory
     best_metric = config.checkpoint.best_metric
     preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=config.checkpoint.max_to_keep),
@@ -191,7 +191,7 @@ class Checkpointer:
       yield
     except Exception as e:  # pylint: disable=broad-except
       raise SaveError(f'Saving checkpoint step {step} in {self.directory} failed: '
-                            f'{e}') from e
+                      f'{e}') from e
 
   def saving(self) -> bool:
     """Whether a save is still being taken or written (never blocks)."""

@@ -32,6 +32,8 @@ class StopRequest:
     self.signal_name = None
     synced = jax_distributed.global_state.preemption_sync_manager is not None
     self._forward = synced and jax.process_count() > 1
+    # Whether `requested` can ever turn true: a lone process acts on a signal by itself.
+    self.acts_alone = not self._forward
     handled = STOP_SIGNALS[1:] if self._forward else STOP_SIGNALS
     self._previous = {sig: signal.signal(sig, self._handle) for sig in handled}
 

@@ -314,21 +314,18 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   start_step = trainer.parallel.host_step(state)
   early = EarlyStopping(config)
   early.restore(meta.get('early_stopping'))
-  if stop.requested():  # A stop during the restore: nothing trained, nothing to save.
-    logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
-                    stop.signal_name)
-    stop.restore()
-    ckpt.close()
-    writer.close()
-    return state
-  if early.stopped:
-    # Rerunning an early-stopped workdir (a retried job, a resubmitted array task) must
-    # not train on past the point the run chose to stop at.
-    logging.warning('The run in %s stopped early at step %d (%s: %d evals without an '
-                    'improvement of %g over %s, patience %d); not training further. '
-                    'Raise early_stopping.patience to continue it.', workdir, start_step,
-                    config.early_stopping.metric, early.bad_evals,
-                    config.early_stopping.min_delta, early.best, config.early_stopping.patience)
+  # A stop during the restore (nothing trained, nothing to save), or a rerun of an
+  # early-stopped workdir (a retried job), which must not train on past its stop.
+  not_training = (
+      f'Stop requested ({stop.signal_name}) during start-up: exiting, nothing saved.'
+      if stop.requested() else
+      f'The run in {workdir} stopped early at step {start_step} '
+      f'({config.early_stopping.metric}: {early.bad_evals} evals without an improvement '
+      f'of {config.early_stopping.min_delta:g} over {early.best}, patience '
+      f'{config.early_stopping.patience}); not training further. Raise '
+      'early_stopping.patience to continue it.' if early.stopped else None)
+  if not_training:
+    logging.warning('%s', not_training)
     stop.restore()
     ckpt.close()
     writer.close()
@@ -388,7 +385,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
       eval_metrics, eval_pending = None, False
       if step % cfg.eval_every_steps == 0 or last:
         window.drain()  # A non-finite loss stops here, before an eval of a broken state.
-        eval_metrics = _evaluate(trainer, state, writer, step, lead, stop.requested)
+        eval_metrics = _evaluate(trainer, state, writer, step, lead,
+                                 stop.requested if stop.acts_alone else None)
         eval_pending = eval_metrics is None  # Abandoned for a stop: saved now, run on resume.
         stopping = eval_pending or early.update(eval_metrics) or stopping
         window.restart()  # Eval time is not training throughput.

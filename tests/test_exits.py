@@ -104,25 +104,33 @@ def _wait_for(predicate, proc, what, timeout=240):
     time.sleep(0.05)
 
 
+def _sigterm_when(ready, what, log_path, command, settle_s=0.0):
+  """Runs `command` logging to `log_path`, sends SIGTERM `settle_s` after `ready()` holds;
+  returns (the process, seconds from the signal to its exit, its log)."""
+  with open(log_path, 'w', encoding='utf-8') as log:
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+    _wait_for(ready, proc, what)
+    time.sleep(settle_s)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    proc.wait(timeout=60)
+    took = time.time() - signalled
+  with open(log_path, encoding='utf-8') as f:
+    return proc, took, f.read()
+
+
 def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(tmp_path):
   reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'stopped')
   every_3 = ['--config.train.eval_every_steps=3']
   subprocess.run(_command(reference, *STEPS, *FAST_EVAL, *every_3), cwd=ROOT, env=_env(),
                  check=True, capture_output=True, timeout=300)
 
-  log_path = str(tmp_path / 'stopped.log')
-  with open(log_path, 'w', encoding='utf-8') as log:
-    proc = subprocess.Popen(_command(workdir, *STEPS, *SLOW_EVAL, *every_3), cwd=ROOT,
-                            env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    # Step 3's losses are written just before its eval starts.
-    _wait_for(lambda: 3 in _losses(workdir), proc, 'step 3')
-    time.sleep(3)  # Well inside the eval (2048 batches).
-    proc.send_signal(signal.SIGTERM)
-    signalled = time.time()
-    proc.wait(timeout=60)
-    took = time.time() - signalled
-  with open(log_path, encoding='utf-8') as f:
-    out = f.read()
+  # Step 3's losses are written just before its eval starts; 3 s on is well inside the
+  # eval (2048 batches).
+  proc, took, out = _sigterm_when(lambda: 3 in _losses(workdir), 'step 3',
+                                  str(tmp_path / 'stopped.log'),
+                                  _command(workdir, *STEPS, *SLOW_EVAL, *every_3), settle_s=3)
   assert proc.returncode == 0, out[-3000:]
   assert 'Stop requested during the eval of step 3: eval abandoned' in out, out[-3000:]
   print(f'SIGTERM during eval: exited {took:.2f} s after the signal')
@@ -149,22 +157,14 @@ def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(tm
 def test_sigterm_during_start_up_exits_cleanly_writing_no_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
   log_path = str(tmp_path / 'run.log')
-  with open(log_path, 'w', encoding='utf-8') as log:
-    proc = subprocess.Popen(_command(workdir, *STEPS, *FAST_EVAL), cwd=ROOT, env=_env(),
-                            stdout=log, stderr=subprocess.STDOUT)
 
-    def started():
-      with open(log_path, encoding='utf-8') as f:
-        return 'Training 6 steps from step 0' in f.read()
+  def started():
+    with open(log_path, encoding='utf-8') as f:
+      return 'Training 6 steps from step 0' in f.read()
 
-    # Logged after the restore, before the summaries and the compile of the train step.
-    _wait_for(started, proc, 'the start-up log line')
-    proc.send_signal(signal.SIGTERM)
-    signalled = time.time()
-    proc.wait(timeout=60)
-    took = time.time() - signalled
-  with open(log_path, encoding='utf-8') as f:
-    out = f.read()
+  # Logged after the restore, before the summaries and the compile of the train step.
+  proc, took, out = _sigterm_when(started, 'the start-up log line', log_path,
+                                  _command(workdir, *STEPS, *FAST_EVAL))
   assert proc.returncode == 0, out[-3000:]
   assert 'during start-up: exiting, nothing saved' in out, out[-3000:]
   assert _committed_steps(workdir) == []
