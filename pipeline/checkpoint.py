@@ -153,9 +153,6 @@ class Checkpointer:
     self._wait_submitted()
     return self.manager.latest_step()
 
-  def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
-
   def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
     """Starts an async save; an error of the previous save surfaces here, naming its step.

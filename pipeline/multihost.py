@@ -2,7 +2,7 @@
 
 `initialize()` runs before anything touches a JAX backend. It always starts the
 distributed runtime, even for a single process, because that is what installs JAX's
-preemption sync manager, which `CheckpointManager.reached_preemption` relies on. Where
+preemption sync manager, which `preemption.StopRequest` relies on. Where
 the processes come from:
 
 * explicit flags (`--coordinator_address --num_processes --process_id`): local

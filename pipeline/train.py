@@ -300,8 +300,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   """
   clock = goodput.Goodput()
   # First, so that a stop during start-up exits cleanly (checked after the restore and
-  # the compile); `ckpt` is bound just below, before any step can be checked.
-  stop = preemption.StopRequest(lambda step: ckpt.reached_preemption(step))
+  # the compile).
+  stop = preemption.StopRequest()
   ckpt = checkpoint.Checkpointer(storage.join(workdir, 'checkpoints'), config)
   trainer = Trainer(config, workdir, ckpt.newest_meta().get('schedule_steps'))
   trainer.watchdog = dog
@@ -317,7 +317,7 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   # A stop during the restore (nothing trained, nothing to save), or a rerun of an
   # early-stopped workdir (a retried job), which must not train on past its stop.
   not_training = (
-      f'Stop requested ({stop.signal_name}) during start-up: exiting, nothing saved.'
+      f'Stop requested ({stop.reason}) during start-up: exiting, nothing saved.'
       if stop.requested() else
       f'The run in {workdir} stopped early at step {start_step} '
       f'({config.early_stopping.metric}: {early.bad_evals} evals without an improvement '
@@ -370,7 +370,7 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
           dog.progress('train', step)
         if stop.requested():  # Still start-up: nothing trained since the restore.
           logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
-                          stop.signal_name)
+                          stop.reason)
           stopping = True
           break
       state, metrics = trainer.train_step(state, batch)
@@ -385,8 +385,7 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
       eval_metrics, eval_pending = None, False
       if step % cfg.eval_every_steps == 0 or last:
         window.drain()  # A non-finite loss stops here, before an eval of a broken state.
-        eval_metrics = _evaluate(trainer, state, writer, step, lead,
-                                 stop.requested if stop.acts_alone else None)
+        eval_metrics = _evaluate(trainer, state, writer, step, lead, stop.requested)
         eval_pending = eval_metrics is None  # Abandoned for a stop: saved now, run on resume.
         stopping = eval_pending or early.update(eval_metrics) or stopping
         window.restart()  # Eval time is not training throughput.
@@ -402,8 +401,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
                     eval_metrics)
       if stopping:
         logging.warning('Stop requested (%s) at step %d: checkpoint saved, exiting.',
-                        stop.signal_name or ('early stopping' if early.stopped else
-                                             'preemption notice'), step)
+                        'early stopping' if early.stopped and not stop.received
+                        else stop.reason, step)
         break
 
   dog.progress('checkpoint_wait', dog.step)

@@ -5,17 +5,16 @@ Each run is `python -m pipeline.main` in a subprocess (1 process x 8 fake CPU de
 or 2 x 4 through launch/local.sh) on a small synthetic dataset.
 """
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
-import orbax.checkpoint as ocp
+import pytest
 
 from pipeline import exits
+from tests import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/fashion_mnist_cnn.py:smoke'
@@ -43,34 +42,6 @@ def _command(workdir, *flags):
           f'--workdir={workdir}', *flags]
 
 
-def _committed_steps(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                                  item_names=('state', 'data', 'meta'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  return list(manager.all_steps())
-
-
-def _records(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _losses(workdir):
-  return {r['step']: r['train/loss'] for r in _records(workdir) if 'train/loss' in r}
-
-
-def _final_state(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                                  item_names=('state', 'data', 'meta'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  return step, manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
-
-
 def test_nan_right_after_a_save_commits_that_save_one_process(tmp_path):
   workdir = str(tmp_path)
   proc = subprocess.run(_command(workdir, *DIVERGING), cwd=ROOT, env=_env(),
@@ -78,7 +49,7 @@ def test_nan_right_after_a_save_commits_that_save_one_process(tmp_path):
   assert proc.returncode == exits.NON_FINITE_LOSS, proc.stderr[-3000:]
   assert 'Non-finite training loss nan at step 2' in proc.stderr
   assert 'Checkpoint step 1 committed before exiting on FloatingPointError' in proc.stderr
-  assert _committed_steps(workdir) == [1]
+  assert workdirs.committed_steps(workdir) == [1]
 
 
 def test_nan_right_after_a_save_commits_that_save_two_processes(tmp_path):
@@ -93,7 +64,7 @@ def test_nan_right_after_a_save_commits_that_save_two_processes(tmp_path):
     with open(os.path.join(workdir, 'logs', f'process_{i}.log'), encoding='utf-8') as f:
       log = f.read()
     assert 'Checkpoint step 1 committed before exiting on FloatingPointError' in log, log[-3000:]
-  assert _committed_steps(workdir) == [1]
+  assert workdirs.committed_steps(workdir) == [1]
 
 
 def _wait_for(predicate, proc, what, timeout=240):
@@ -104,54 +75,87 @@ def _wait_for(predicate, proc, what, timeout=240):
     time.sleep(0.05)
 
 
-def _sigterm_when(ready, what, log_path, command, settle_s=0.0):
-  """Runs `command` logging to `log_path`, sends SIGTERM `settle_s` after `ready()` holds;
-  returns (the process, seconds from the signal to its exit, its log)."""
+def _local_sh(workdir, num_processes, *flags):
+  """launch/local.sh's command line for `num_processes` x (8 / num_processes) devices."""
+  return ['bash', 'launch/local.sh', '--config', CONFIG, '--workdir', workdir,
+          '--num_processes', str(num_processes),
+          '--devices_per_process', str(8 // num_processes), '--', *flags]
+
+
+def _run(workdir, num_processes, *flags):
+  """A run to its end, in 1 process (python -m pipeline.main) or several (local.sh)."""
+  command = (_command(workdir, *flags) if num_processes == 1
+             else _local_sh(workdir, num_processes, *flags))
+  subprocess.run(command, cwd=ROOT, env=_env(8 // num_processes), check=True,
+                 capture_output=True, timeout=400)
+
+
+def _sigterm_when(ready, what, log_path, command, settle_s=0.0, num_processes=1,
+                  workdir=None):
+  """Runs `command` logging to `log_path`, sends SIGTERM `settle_s` after `ready()` holds,
+  to the process or, under local.sh, to each of its pipeline processes (as a scheduler
+  signals every task); returns (the process, seconds from the signal to its exit, its log:
+  local.sh's followed by each process's)."""
   with open(log_path, 'w', encoding='utf-8') as log:
-    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log,
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(8 // num_processes), stdout=log,
                             stderr=subprocess.STDOUT)
     _wait_for(ready, proc, what)
     time.sleep(settle_s)
-    proc.send_signal(signal.SIGTERM)
+    if num_processes == 1:
+      targets = [proc.pid]
+    else:  # local.sh's children: `env` execs Python, so these are the pipeline processes.
+      targets = [int(pid) for pid in subprocess.run(
+          ['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()]
+      assert len(targets) == num_processes, targets
+    for pid in targets:
+      os.kill(pid, signal.SIGTERM)
     signalled = time.time()
     proc.wait(timeout=60)
     took = time.time() - signalled
   with open(log_path, encoding='utf-8') as f:
-    return proc, took, f.read()
+    out = f.read()
+  for i in range(num_processes if num_processes > 1 else 0):
+    with open(os.path.join(workdir, 'logs', f'process_{i}.log'),
+              encoding='utf-8') as f:
+      out += f'\n---- process {i} ----\n' + f.read()
+  return proc, took, out
 
 
-def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize('num_processes', [1, 2])
+def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(
+    tmp_path, num_processes):
   reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'stopped')
   every_3 = ['--config.train.eval_every_steps=3']
-  subprocess.run(_command(reference, *STEPS, *FAST_EVAL, *every_3), cwd=ROOT, env=_env(),
-                 check=True, capture_output=True, timeout=300)
+  _run(reference, num_processes, *STEPS, *FAST_EVAL, *every_3)
 
   # Step 3's losses are written just before its eval starts; 3 s on is well inside the
-  # eval (2048 batches).
-  proc, took, out = _sigterm_when(lambda: 3 in _losses(workdir), 'step 3',
-                                  str(tmp_path / 'stopped.log'),
-                                  _command(workdir, *STEPS, *SLOW_EVAL, *every_3), settle_s=3)
+  # eval (2048 batches). With several processes all must abandon it at the same batch.
+  command = ((_command if num_processes == 1 else
+              lambda *a: _local_sh(a[0], num_processes, *a[1:]))
+             (workdir, *STEPS, *SLOW_EVAL, *every_3))
+  proc, took, out = _sigterm_when(lambda: 3 in workdirs.losses(workdir), 'step 3',
+                                  str(tmp_path / 'stopped.log'), command, settle_s=3,
+                                  num_processes=num_processes, workdir=workdir)
   assert proc.returncode == 0, out[-3000:]
-  assert 'Stop requested during the eval of step 3: eval abandoned' in out, out[-3000:]
-  print(f'SIGTERM during eval: exited {took:.2f} s after the signal')
+  assert out.count('Stop requested during the eval of step 3: eval abandoned') == (
+      num_processes), out[-3000:]
+  print(f'SIGTERM during eval, {num_processes} process(es): exited {took:.2f} s after '
+        'the signal')
   assert took < 10, f'exited {took:.1f} s after SIGTERM'
-  assert _committed_steps(workdir) == [3]
-  assert max(_losses(workdir)) == 3
+  assert workdirs.committed_steps(workdir) == [3]
+  assert max(workdirs.losses(workdir)) == 3
 
   # The rerun (a fast eval: eval.batch_size may change on resume) first runs the
   # abandoned eval of step 3, then finishes as if never stopped.
-  subprocess.run(_command(workdir, *STEPS, *FAST_EVAL, *every_3), cwd=ROOT, env=_env(),
-                 check=True, capture_output=True, timeout=300)
-  assert _losses(workdir) == _losses(reference)
-  evals = {r['step']: r['eval/loss'] for r in _records(workdir) if 'eval/loss' in r}
-  assert evals == {r['step']: r['eval/loss'] for r in _records(reference)
+  _run(workdir, num_processes, *STEPS, *FAST_EVAL, *every_3)
+  assert workdirs.losses(workdir) == workdirs.losses(reference)
+  evals = {r['step']: r['eval/loss'] for r in workdirs.records(workdir) if 'eval/loss' in r}
+  assert evals == {r['step']: r['eval/loss'] for r in workdirs.records(reference)
                    if 'eval/loss' in r}
-  step, state = _final_state(workdir)
-  ref_step, ref_state = _final_state(reference)
+  step, state = workdirs.final_state(workdir)
+  ref_step, ref_state = workdirs.final_state(reference)
   assert step == ref_step == 6
-  import jax  # pylint: disable=import-outside-toplevel
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  workdirs.assert_same_arrays(state, ref_state)
 
 
 def test_sigterm_during_start_up_exits_cleanly_writing_no_checkpoint(tmp_path):
@@ -167,7 +171,7 @@ def test_sigterm_during_start_up_exits_cleanly_writing_no_checkpoint(tmp_path):
                                   _command(workdir, *STEPS, *FAST_EVAL))
   assert proc.returncode == 0, out[-3000:]
   assert 'during start-up: exiting, nothing saved' in out, out[-3000:]
-  assert _committed_steps(workdir) == []
-  assert not _losses(workdir)
+  assert workdirs.committed_steps(workdir) == []
+  assert not workdirs.losses(workdir)
   print(f'SIGTERM during start-up: exited {took:.2f} s after the signal')
   assert took < 10, f'exited {took:.1f} s after SIGTERM'

@@ -8,7 +8,6 @@ mid-run (the batch shell's time-limit signal) must save, requeue itself, resume 
 end with the parameters of the uninterrupted job, bit for bit.
 """
 
-import json
 import os
 import pathlib
 import re
@@ -17,8 +16,9 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from tests import workdirs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / 'launch' / 'slurm_cluster.sh'
@@ -141,41 +141,6 @@ def task_losses(log_text):
   return losses
 
 
-def jsonl_losses(workdir):
-  """step -> train/loss at full precision; a step logged twice keeps its last value."""
-  losses = {}
-  if not (workdir / 'metrics.jsonl').exists():
-    return losses
-  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
-    for line in f:
-      record = json.loads(line)
-      if 'train/loss' in record:
-        losses[record['step']] = record['train/loss']
-  return losses
-
-
-def final_state(workdir):
-  """The newest checkpoint's step and state, as numpy arrays on no devices.
-
-  Restoring as saved would need the job's topology (2 processes); numpy needs none.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
-  step = ocp.CheckpointManager(workdir / 'checkpoints').latest_step()
-  path = workdir / 'checkpoints' / str(step) / 'state'
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return step, checkpointer.restore(path, restore_args=as_numpy)
-
-
-def assert_same_arrays(a, b):
-  import jax  # pylint: disable=import-outside-toplevel
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b) > 0
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(x, y)
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(slurm_env, tmp_path_factory):
   """A 2-task job that trains NUM_STEPS steps without interruption."""
@@ -200,11 +165,11 @@ def test_two_tasks_log_the_losses_of_one_process(uninterrupted, tmp_path):
                          f'--workdir={one}', *FLAGS], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  reference = jsonl_losses(one)
+  reference = workdirs.losses(one)
   steps = list(range(1, NUM_STEPS + 1))
   assert sorted(reference) == steps
   # The job's lead writes metrics.jsonl at full precision.
-  job = jsonl_losses(workdir)
+  job = workdirs.losses(workdir)
   np.testing.assert_allclose([job[s] for s in steps], [reference[s] for s in steps], rtol=1e-6)
   # Each task's log prints 6 significant digits: 1e-6 relative beyond that rounding.
   per_task = task_losses(text)
@@ -237,7 +202,7 @@ class Timeline:
 def wait_for_step(env, job_id, workdir, log, step):
   """Returns once the job's lead has logged `step`."""
   deadline = time.time() + 300
-  while max(jsonl_losses(workdir), default=0) < step:
+  while max(workdirs.losses(workdir), default=0) < step:
     assert time.time() < deadline, read(log)[-3000:]
     assert job_fields(env, job_id).get('JobState') in ('PENDING', 'RUNNING'), read(log)[-3000:]
     time.sleep(0.1)
@@ -295,8 +260,8 @@ def test_usr1_saves_requeues_and_resumes_bit_identically(slurm_env, uninterrupte
   timeline.poll()
   print(f'USR1 job, seconds after scancel --batch --signal=USR1: {timeline}')
   assert_stopped_once_and_resumed(fields, read(log), timeline, NUM_STEPS, signal_after)
-  step, state = final_state(workdir)
-  reference_step, reference_state = final_state(reference_dir)
+  step, state = workdirs.final_state(workdir)
+  reference_step, reference_state = workdirs.final_state(reference_dir)
   assert step == reference_step == NUM_STEPS
-  assert_same_arrays(state, reference_state)  # Bit-identical parameters and statistics.
-  assert jsonl_losses(workdir) == jsonl_losses(reference_dir)
+  workdirs.assert_same_arrays(state, reference_state)  # Bit-identical parameters and statistics.
+  assert workdirs.losses(workdir) == workdirs.losses(reference_dir)
