@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,6 +57,21 @@ class SaveError(CheckpointError):
 _UNREADABLE_STATUS = ('NOT_FOUND:', 'DATA_LOSS:', 'OUT_OF_RANGE:')
 
 
+# How much of an error's message a process offers the lead (the key-value store's
+# values are small; the local process keeps its whole exception as the cause).
+_OFFER_CHARS = 2000
+
+
+def _first_failure(offers: list[str]) -> str:
+  """The lead's choice over every process's `_offer` of a step: a changed config, then
+  an error, then unreadable data, in process order; 'ok' only if all read it."""
+  for kind in ('config', 'error', 'unreadable'):
+    for offer in offers:
+      if offer.startswith(kind + ' '):
+        return offer
+  return 'ok'
+
+
 def _unreadable(error: BaseException) -> bool:
   """Whether `error` of restoring a step says its data cannot be read back as saved.
 
@@ -69,6 +85,9 @@ def _unreadable(error: BaseException) -> bool:
     return True  # Orbax: a whole item directory of the step is missing.
   if isinstance(error, ValueError) and str(error).startswith(_UNREADABLE_STATUS):
     return True
+  if (isinstance(error, ValueError) and str(error).startswith('FAILED_PRECONDITION:')
+      and 'Data corruption detected' in str(error)):
+    return True  # A compressed chunk that fails to decompress (zstd's own check).
   return error.__cause__ is not None and _unreadable(error.__cause__)
 
 
@@ -134,6 +153,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only, create=not read_only,
             read_only=read_only),
         item_names=('state', 'data', 'meta'))
+    self._reader = ocp.CompositeCheckpointHandler()  # See _read.
     self._in_flight_step = None
     # The loop donates the state's buffers to the next step, so a save must take its copy
     # before it returns. Orbax takes it on the calling thread as a host transfer, and
@@ -223,15 +243,25 @@ class Checkpointer:
     self.wait_until_finished()
     if self._saver is not None:
       self._saver.shutdown()
+    self._reader.close()
     self.manager.close()
+
+  def _read(self, step: int, **items: Any) -> dict[str, Any]:
+    """Reads `items` (name: Orbax restore args) of `step` on this process alone.
+
+    Orbax's CheckpointManager.restore ends in a barrier of all processes (a device
+    collective): a process that failed before it would leave the others waiting there
+    for good. Its item handlers read without one; `restore` agrees on the outcome.
+    """
+    path = epath.Path(storage.join(self.directory, str(step)))
+    return self._reader.restore(path, ocp.args.Composite(**items))
 
   def saved_meta(self, step: int | None = None) -> dict[str, Any]:
     """The metadata saved with `step` (default: the newest), its config included."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'{self.directory} holds no committed checkpoint step.')
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    return self._read(step, meta=ocp.args.JsonRestore())['meta']
 
   def newest_meta(self) -> dict[str, Any]:
     """The metadata of the newest step whose metadata reads ({} when there is none).
@@ -247,6 +277,23 @@ class Checkpointer:
                         step, self.directory, type(e).__name__, str(e)[:300])
     return {}
 
+  def _offer(self, step: int, abstract_state: Any) -> tuple[str, Any, Exception | None]:
+    """This process's attempt at `step`: ('ok', (state, data, meta), None), or an
+    offer naming what went wrong ('config ...', 'unreadable ...', 'error ...') and the
+    exception, for `multihost.lead_decides`."""
+    try:
+      meta = self.saved_meta(step)
+      check_config_change(meta['config'], self.config)
+      restored = self._read(step, state=ocp.args.StandardRestore(abstract_state),
+                            data=ocp.args.JsonRestore())
+      return 'ok', (restored['state'], restored['data'], meta), None
+    except CheckpointError as e:  # The config changed: the same on every process.
+      return f'config {e}', None, e
+    except Exception as e:  # pylint: disable=broad-except
+      kind = 'unreadable' if _unreadable(e) else 'error'
+      return (f'{kind} process {jax.process_index()}: {type(e).__name__}: '
+              f'{str(e)[:_OFFER_CHARS]}', None, e)
+
   def restore(self, abstract_state: Any, step: int | None = None,
               ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
     """Restores `step` (default: the newest usable) onto `abstract_state`'s shardings.
@@ -256,7 +303,10 @@ class Checkpointer:
     older committed step is tried (read-only: the bad step is left where it is); it is
     set aside once an older step restored. Any other error (a transient I/O error, an
     out-of-memory, a shape or sharding mismatch) raises naming the step, and sets nothing
-    aside. Returns None when there is no checkpoint at all.
+    aside. With several processes, each reads its part of a step and the lead decides
+    for all: a step that any process cannot read is skipped by every process, an error
+    on any process raises on every process, so all restore the same step or none.
+    Returns None when there is no checkpoint at all.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
@@ -268,29 +318,25 @@ class Checkpointer:
       return None
     errors = []
     for candidate in steps:
-      try:
-        meta = self.saved_meta(candidate)
-        check_config_change(meta['config'], self.config)
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      except CheckpointError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        if not _unreadable(e):
-          raise CheckpointError(
-              f'Restoring checkpoint step {candidate} from {self.directory} failed '
-              f'({type(e).__name__}: {e}). That is not a missing, truncated or corrupt '
-              'file, so no older step is tried and nothing is set aside: fix the cause '
-              'and rerun.') from e
-        logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); falling back to '
-                        'the previous committed step.', candidate, self.directory,
-                        type(e).__name__, str(e)[:300])
-        errors.append(f'step {candidate}: {type(e).__name__}: {str(e)[:200]}')
+      offer, restored, local_error = self._offer(candidate, abstract_state)
+      decision = multihost.lead_decides(f'restore_step_{candidate}', offer, _first_failure)
+      kind, _, cause = decision.partition(' ')
+      if kind == 'config':
+        raise CheckpointError(cause) from local_error
+      if kind == 'error':
+        raise CheckpointError(
+            f'Restoring checkpoint step {candidate} from {self.directory} failed on '
+            f'{cause}. That is not a missing, truncated or corrupt file, so no older step '
+            'is tried and nothing is set aside: fix the cause and rerun.') from local_error
+      if kind == 'unreadable':
+        logging.warning('Checkpoint step %d in %s is unreadable on %s; falling back to the '
+                        'previous committed step.', candidate, self.directory, cause[:300])
+        errors.append(f'step {candidate}: {cause[:200]}')
         continue
       logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
       if errors and not self.read_only:
         self._set_aside(steps[:steps.index(candidate)])
-      return restored['state'], restored['data'], meta
+      return restored
     raise CheckpointError(f'No usable checkpoint in {self.directory}:\n  '
                           + '\n  '.join(errors))
 

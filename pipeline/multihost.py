@@ -33,7 +33,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 from absl import flags
 from absl import logging
@@ -271,3 +272,47 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
       who = 'the coordinator is unreachable (process 0 may have died)'
     raise RuntimeError(f"barrier '{name}' {how} on process {pid}: {who}. "
                        f'Runtime said: {runtime_said}') from e
+
+
+def lead_decides(name: str, mine: str, decide: Callable[[list[str]], str],
+                 timeout_s: float | None = None) -> str:
+  """Every process offers `mine`; the lead applies `decide` to all offers (in process
+  order) and every process returns its decision. One process: `decide([mine])`.
+
+  For choices that must come out the same everywhere although each process sees only
+  its own part, e.g. which checkpoint step restores: a step one process cannot read
+  must be skipped by all. Through the coordinator's key-value store, not a device
+  collective, so a process that failed before offering shows up as a timeout naming it.
+
+  Raises:
+    RuntimeError: an offer or the decision did not come within `timeout_s` (None =
+      --barrier_timeout_s); the message names the processes that did not offer.
+  """
+  state = jax_distributed.global_state
+  if state.client is None or state.num_processes <= 1:
+    return decide([mine])
+  if timeout_s is None:
+    timeout_s = _flag(_BARRIER_TIMEOUT_S)
+  client, pid, count = state.client, state.process_id, state.num_processes
+  round_ = client.key_value_increment(f'{_KV_PREFIX}/{name}/rounds/{pid}', 1)
+  base = f'{_KV_PREFIX}/{name}/{round_}'
+  client.key_value_set(f'{base}/offer/{pid}', mine)
+  deadline = time.monotonic() + timeout_s
+  try:
+    if pid != 0:
+      return client.blocking_key_value_get(f'{base}/decision', int(timeout_s * 1000))
+    offers = [client.blocking_key_value_get(
+        f'{base}/offer/{p}', max(1, int((deadline - time.monotonic()) * 1000)))
+              for p in range(count)]
+  except jax.errors.JaxRuntimeError as e:
+    try:
+      absent = _absent(client, f'{base}/offer', count)
+      who = (f'process(es) {", ".join(map(str, absent))} made no offer' if absent
+             else 'the lead (process 0) decided nothing')
+    except jax.errors.JaxRuntimeError:
+      who = 'the coordinator is unreachable (process 0 may have died)'
+    raise RuntimeError(f"'{name}' was not decided within {timeout_s:g} s on process "
+                       f'{pid}: {who}.') from e
+  decision = decide(offers)
+  client.key_value_set(f'{base}/decision', decision)
+  return decision

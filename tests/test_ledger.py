@@ -1,7 +1,8 @@
 """The data ledger on real train streams (grain, synthetic data), without the trainer.
 
 The end-to-end acceptance checks ride on runs other tests make anyway: SIGTERM + resume in
-tests/test_checkpoint.py, 2 -> 1 and 1 -> 2 processes in tests/test_multiprocess_train.py.
+tests/test_checkpoint.py, 4 -> 2 (after a stop), 4 vs 1 and 2 -> 1 processes in
+tests/test_multiprocess_train.py.
 """
 
 import os

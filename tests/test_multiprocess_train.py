@@ -1,5 +1,9 @@
-"""Real multi-process training on one machine: 2 processes x 4 fake CPU devices (gloo),
-launched with launch/local.sh, the same code path as a pod."""
+"""Real multi-process training on one machine: 4 processes x 2 or 2 x 4 fake CPU devices
+(gloo), launched with launch/local.sh, the same code path as a pod.
+
+The references are module fixtures: 1 process x 8 devices and 4 x 2, 10 steps each;
+tests that resume one copy it first.
+"""
 
 import json
 import os
@@ -14,6 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline import ledger
+from tests import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--config.train.log_every_steps=1', '--config.train.eval_every_steps=10',
@@ -28,12 +33,26 @@ def _env(devices):
   return env
 
 
-def _two_processes(workdir, *extra):
-  proc = subprocess.run(
-      ['bash', 'launch/local.sh', '--config', CONFIG, '--workdir', workdir,
-       '--num_processes', '2', '--devices_per_process', '4', '--', *FLAGS, *extra],
-      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=400)
+def _local_sh(workdir, num_processes, *extra):
+  return ['bash', 'launch/local.sh', '--config', CONFIG, '--workdir', workdir,
+          '--num_processes', str(num_processes),
+          '--devices_per_process', str(8 // num_processes), '--', *FLAGS, *extra]
+
+
+def _processes(workdir, num_processes, *extra):
+  proc = subprocess.run(_local_sh(workdir, num_processes, *extra), cwd=ROOT,
+                        env=_env(8 // num_processes), capture_output=True, text=True,
+                        timeout=400)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _two_processes(workdir, *extra):
+  _processes(workdir, 2, *extra)
+
+
+def _logs(workdir, num_processes):
+  return [open(os.path.join(workdir, 'logs', f'process_{i}.log'), encoding='utf-8').read()
+          for i in range(num_processes)]
 
 
 def _one_process(workdir, *extra):
@@ -67,40 +86,85 @@ def one_process_run(tmp_path_factory):
   return workdir, _jsonl_losses(workdir)
 
 
+@pytest.fixture(scope='module')
+def four_process_run(tmp_path_factory):
+  """4 processes x 2 devices, 10 steps; dcn_data=4: the data axis laid over the
+  processes (the hybrid mesh path)."""
+  workdir = str(tmp_path_factory.mktemp('four_processes') / 'run')
+  _processes(workdir, 4, '--config.mesh.dcn_data=4')
+  return workdir, _jsonl_losses(workdir)
+
+
 def _resume_copy(source, destination):
   shutil.copytree(source, destination)
   return destination
 
 
-def test_two_processes_match_one_and_checkpoints_cross_resume(tmp_path, one_process_run):
-  two = str(tmp_path / 'two')
+def test_four_processes_match_one(one_process_run, four_process_run):
   one, one_losses = one_process_run
-  # dcn_data=2: the data axis laid over the two processes (the hybrid mesh path).
-  _two_processes(two, '--config.mesh.dcn_data=2')
-  logs = [open(os.path.join(two, 'logs', f'process_{i}.log'), encoding='utf-8').read()
-          for i in range(2)]
-  assert 'process 1/2, local devices 4, global devices 8' in logs[1]
+  four, four_losses = four_process_run
+  logs = _logs(four, 4)
+  assert 'process 3/4, local devices 2, global devices 8' in logs[3]
   per_process = [_logged_losses(text) for text in logs]
   assert sorted(per_process[0]) == list(range(1, 11))
-  assert per_process[0] == per_process[1]  # Both processes saw the same global losses.
-  two_losses = _jsonl_losses(two)
+  assert all(p == per_process[0] for p in per_process)  # All saw the same global losses.
   steps = sorted(one_losses)
-  np.testing.assert_allclose([two_losses[s] for s in steps], [one_losses[s] for s in steps],
+  np.testing.assert_allclose([four_losses[s] for s in steps], [one_losses[s] for s in steps],
                              rtol=1e-6)
+  # The lead of four processes derived the global batches the single process read.
+  assert ledger.read(four) == ledger.read(one)
 
-  # The 2-process checkpoint resumes in 1 process, and the 1-process one in 2 processes.
-  # The lead of two processes derived the global batches the single process read.
-  assert ledger.read(two) == ledger.read(one)
-  _one_process(two, '--config.train.num_steps=14')
-  one = _resume_copy(one, str(tmp_path / 'one'))
-  _two_processes(one, '--config.train.num_steps=14')
-  resumed_in_one, resumed_in_two = _jsonl_losses(two), _jsonl_losses(one)
-  assert sorted(resumed_in_one) == sorted(resumed_in_two) == list(range(1, 15))
-  np.testing.assert_allclose([resumed_in_one[s] for s in range(11, 15)],
-                             [resumed_in_two[s] for s in range(11, 15)], rtol=1e-6)
-  two_then_one, one_then_two = ledger.read(two), ledger.read(one)
-  assert [r['step'] for r in two_then_one if 'digest' in r] == list(range(1, 15))
-  assert two_then_one == one_then_two
+
+def test_a_stop_sent_to_all_four_saves_one_step_and_resumes_bit_identically(
+    tmp_path, four_process_run):
+  reference, reference_losses = four_process_run
+  workdir = str(tmp_path / 'stopped')
+  command = _local_sh(workdir, 4, '--config.mesh.dcn_data=4')
+  with open(tmp_path / 'local.log', 'w', encoding='utf-8') as out:
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(2), stdout=out,
+                            stderr=subprocess.STDOUT)
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and 2 in _jsonl_losses(workdir)):
+      assert proc.poll() is None and time.time() < deadline, 'no step 2'
+      time.sleep(0.05)
+    # local.sh's children: `env` execs Python, so these are the four pipeline processes.
+    pids = [int(p) for p in subprocess.run(['pgrep', '-P', str(proc.pid)],
+                                           capture_output=True, text=True).stdout.split()]
+    assert len(pids) == 4, pids
+    for pid in pids:  # As a scheduler signals every task of a preempted job.
+      os.kill(pid, signal.SIGTERM)
+    signalled = time.time()
+    assert proc.wait(timeout=120) == 0
+  took = time.time() - signalled
+  stops = [re.findall(r'Stop requested \(.*?\) at step (\d+): checkpoint saved', log)
+           for log in _logs(workdir, 4)]
+  print(f'SIGTERM to 4 processes: all stopped at step {stops[0]}, exited {took:.1f} s '
+        'after the signal')
+  assert all(s == stops[0] for s in stops) and len(stops[0]) == 1, stops
+  stop_step = int(stops[0][0])
+  assert 2 <= stop_step < 10, stop_step
+  # Saved: step 5 (checkpoint.every_steps) if the stop came later, and the stop's step.
+  assert workdirs.committed_steps(workdir) == sorted({5, stop_step} if stop_step > 5
+                                                     else {stop_step})
+
+  # Resumed on 2 processes x 4 devices: the same examples (the ledger of the
+  # uninterrupted run), the same losses up to the reduction order.
+  two = _resume_copy(workdir, str(tmp_path / 'then_two'))
+  _processes(two, 2)
+  assert ledger.read(two) == ledger.read(reference)
+  then_two = _jsonl_losses(two)
+  assert sorted(then_two) == list(range(1, 11))
+  np.testing.assert_allclose([then_two[s] for s in range(1, 11)],
+                             [reference_losses[s] for s in range(1, 11)], rtol=1e-6)
+
+  _processes(workdir, 4, '--config.mesh.dcn_data=4')
+  assert _jsonl_losses(workdir) == reference_losses
+  assert ledger.read(workdir) == ledger.read(reference)
+  step, state = workdirs.final_state(workdir)
+  ref_step, ref_state = workdirs.final_state(reference)
+  assert step == ref_step == 10
+  workdirs.assert_same_arrays(state, ref_state)
 
 
 def test_pmap_across_processes_matches_jit_and_checkpoints_cross_modes(tmp_path,
@@ -108,9 +172,7 @@ def test_pmap_across_processes_matches_jit_and_checkpoints_cross_modes(tmp_path,
   pmap = str(tmp_path / 'pmap')
   one, one_losses = one_process_run
   _two_processes(pmap, '--config.parallelism=pmap')
-  logs = [open(os.path.join(pmap, 'logs', f'process_{i}.log'), encoding='utf-8').read()
-          for i in range(2)]
-  per_process = [_logged_losses(text) for text in logs]
+  per_process = [_logged_losses(text) for text in _logs(pmap, 2)]
   assert sorted(per_process[0]) == list(range(1, 11))
   # Gradients averaged over all 8 devices: both processes train the same model.
   assert per_process[0] == per_process[1]
@@ -131,6 +193,40 @@ def test_pmap_across_processes_matches_jit_and_checkpoints_cross_modes(tmp_path,
   assert sorted(into_jit) == sorted(into_pmap) == list(range(1, 15))
   np.testing.assert_allclose([into_jit[s] for s in range(11, 15)],
                              [into_pmap[s] for s in range(11, 15)], rtol=1e-5)
+  # 2 -> 1 and 1 -> 2 processes consumed the same examples.
+  assert ledger.read(pmap) == ledger.read(jit_copy)
+
+
+def test_a_step_only_one_process_cannot_read_is_skipped_by_both(tmp_path):
+  """Under FSDP each process reads only its own shards: damage to process 1's files of
+  step 10 is seen by process 1 alone. Both must restore step 5 (the lead decides), not
+  one step each, and not wait for each other forever."""
+  workdir = str(tmp_path / 'run')
+  fsdp = ['--config.fsdp=True', '--config.mesh.fsdp=8', '--config.mesh.data=1']
+  _two_processes(workdir, *fsdp)
+  first = _jsonl_losses(workdir)
+  shards = os.path.join(workdir, 'checkpoints', '10', 'state', 'ocdbt.process_1', 'd')
+  for name in os.listdir(shards):  # Process 1's shards of the params and Adam moments.
+    with open(os.path.join(shards, name), 'r+b') as f:
+      data = bytearray(f.read())
+      data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+      f.seek(0)
+      f.write(data)
+
+  started = time.time()
+  _two_processes(workdir, *fsdp, '--config.train.num_steps=12')
+  took = time.time() - started
+  print(f'2 processes, step 10 unreadable on process 1 only: rerun took {took:.1f} s')
+  for i in range(2):
+    with open(os.path.join(workdir, 'logs', f'process_{i}.log'), encoding='utf-8') as f:
+      log = f.read()
+    assert re.search(r'Checkpoint step 10 in \S+ is unreadable on process 1: ', log), log[-3000:]
+    assert 'Restored checkpoint step 5 from' in log, log[-3000:]
+  resumed = _jsonl_losses(workdir)
+  assert sorted(resumed) == list(range(1, 13))
+  assert [resumed[s] for s in range(6, 11)] == [first[s] for s in range(6, 11)]
+  names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert any(n.startswith('10.unreadable-') for n in names), names
 
 
 def test_killing_a_peer_ends_the_survivor_naming_it(tmp_path):
