@@ -46,15 +46,22 @@ if action == 'psum':
   multihost.barrier('done', 30)
   multihost.barrier('done', 30)  # A reused name is a new round.
   print('LEAD', multihost.is_lead(), flush=True)
+  for round_ in range(2):  # The lead sees every offer; all get its decision.
+    decided = multihost.lead_decides('pick', f'{pid}:{round_}', lambda o: '+'.join(o), 30)
+    print('DECIDED', decided, flush=True)
 elif action == 'late':
   if pid == 1:
-    time.sleep(4)
+    time.sleep(6)  # Past both 1.5 s timeouts of process 0.
   else:
     start = time.time()
     try:
       multihost.barrier('late', 1.5)
     except RuntimeError as e:
       print(f'ERROR after {time.time() - start:.1f}s: {e}', flush=True)
+    try:
+      multihost.lead_decides('late_offer', 'ok', lambda o: o[0], 1.5)
+    except RuntimeError as e:
+      print(f'UNDECIDED: {e}', flush=True)
 elif action == 'crash':
   print('READY', flush=True)
   if pid == 1:
@@ -113,6 +120,7 @@ def test_two_processes_agree_on_a_cross_process_sum(tmp_path):
             in text), text
     assert f'SUM {float(expected)}' in text, text
     assert f'LEAD {i == 0}' in text, text
+    assert 'DECIDED 0:0+1:0\nDECIDED 0:1+1:1\n' in text, text
 
 
 def test_one_process_without_flags_initializes_a_local_runtime(tmp_path):
@@ -132,6 +140,8 @@ def test_barrier_timeout_names_the_process_that_did_not_arrive(tmp_path):
   assert float(match.group(1)) < 10
   assert match.group(2).startswith(
       "barrier 'late' timed out after 1.5 s on process 0: process(es) 1 had not arrived.")
+  assert ("UNDECIDED: 'late_offer' was not decided within 1.5 s on process 0: "
+          'process(es) 1 made no offer.') in text, text
 
 
 @pytest.mark.parametrize('victim', [1, 0], ids=['worker_dies', 'coordinator_dies'])
