@@ -71,7 +71,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   cls, kwargs = resolve(config.model.name), _kwargs(config)
   extra = {'rngs': None} if issubclass(cls, nnx.Module) else {}
   try:
-    inspect.signature(cls).bind(**kwargs, **extra)
+    # __init__'s own signature: NNX's metaclass makes the class's (*args, **kwargs).
+    inspect.signature(cls.__init__).bind(None, **kwargs, **extra)
   except TypeError as e:
     raise ValueError(f'config.model.kwargs={kwargs} is invalid for '
                      f'config.model.name={config.model.name!r}: {e}.') from None
