@@ -393,9 +393,11 @@ def _check_model(config) -> None:
   name = config.model.name
   if imported.is_import_path(name):
     imported.check(config)  # Imports it: a typo or a missing module fails here.
-    if config.model.activation != 'relu':
-      _fail('model.activation', config.model.activation,
-            f'it applies to the built-in models only; {name} picks its own activations')
+    # Silently ignored, these would look like settings of the user's model.
+    for key, default in (('model.activation', 'relu'), ('model.dtype', 'float32')):
+      if _lookup(config, key) != default:
+        _fail(key, _lookup(config, key), f'it applies to the built-in models only; {name} '
+              'takes its settings from config.model.kwargs')
     return
   _check_choice(config, 'model.name', MODELS)
   if config.model.kwargs:

@@ -30,34 +30,24 @@ class TrainState(train_state.TrainState):
   rng: jax.Array | None = None  # Raw uint32 key data, so checkpoints hold plain arrays.
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output('loss')
-  accuracy: clu_metrics.Average.from_output('correct')
-  learning_rate: clu_metrics.LastValue.from_output('learning_rate')
-  grad_norm: clu_metrics.Average.from_output('grad_norm')
+def _collection(name: str, metric: str, output: str, *, train: bool) -> type:
+  """A CLU Collection of the loss, the task's `metric` (the mean of the step's `output`,
+  as `losses.Loss.quality` names it) and, for training, the learning rate and gradient
+  norm. CLU reads the metric classes from the annotations, so they are built as such."""
+  fields = {'loss': clu_metrics.Average.from_output('loss'),
+            metric: clu_metrics.Average.from_output(output)}
+  if train:
+    fields.update(learning_rate=clu_metrics.LastValue.from_output('learning_rate'),
+                  grad_norm=clu_metrics.Average.from_output('grad_norm'))
+  return flax.struct.dataclass(type(name, (clu_metrics.Collection,),
+                                    {'__annotations__': fields, '__module__': __name__}))
 
 
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output('loss')
-  accuracy: clu_metrics.Average.from_output('correct')
-
-
+TrainMetrics = _collection('TrainMetrics', 'accuracy', 'correct', train=True)
+EvalMetrics = _collection('EvalMetrics', 'accuracy', 'correct', train=False)
 # Regression losses report the mean absolute error (over examples and targets) instead.
-@flax.struct.dataclass
-class RegressionTrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output('loss')
-  mae: clu_metrics.Average.from_output('abs_error')
-  learning_rate: clu_metrics.LastValue.from_output('learning_rate')
-  grad_norm: clu_metrics.Average.from_output('grad_norm')
-
-
-@flax.struct.dataclass
-class RegressionEvalMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output('loss')
-  mae: clu_metrics.Average.from_output('abs_error')
-
+RegressionTrainMetrics = _collection('RegressionTrainMetrics', 'mae', 'abs_error', train=True)
+RegressionEvalMetrics = _collection('RegressionEvalMetrics', 'mae', 'abs_error', train=False)
 
 _METRICS = {losses_lib.CLASSIFICATION: (TrainMetrics, EvalMetrics),
             losses_lib.REGRESSION: (RegressionTrainMetrics, RegressionEvalMetrics)}

@@ -183,6 +183,11 @@ def test_kwargs_and_activation_mismatches_fail_validation_naming_the_key():
   with pytest.raises(ValueError, match=r"config.model.activation='gelu' is invalid: it "
                                        r'applies to the built-in models only'):
     _validate(config)
+  config = fashion_mnist_nnx.get_config()
+  config.model.dtype = 'bfloat16'
+  with pytest.raises(ValueError, match=r"config.model.dtype='bfloat16' is invalid: it "
+                                       r'applies to the built-in models only'):
+    _validate(config)
   config = config_lib.base_config()
   config.model.kwargs = {'hidden': 3}
   with pytest.raises(ValueError, match=r"config.model.kwargs=\{'hidden': 3\} is invalid"):

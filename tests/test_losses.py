@@ -98,35 +98,36 @@ def test_regression_losses_average_over_the_targets():
                              np.abs(error).mean(-1))
 
 
-def _fails(config, match):
+_FASHION, _TOMATOES = fashion_mnist_cnn.get_config, rotten_tomatoes_lstm.get_config
+
+
+def _regression():
+  return _config('l2', 4)
+
+
+@pytest.mark.parametrize('make, overrides, match', [
+    (_FASHION, {'loss.name': 'sigmoid_binary_cross_entropy'},
+     r"config.loss.name='sigmoid_binary_cross_entropy' is invalid: one logit scores two "
+     r'classes, but config.data.num_classes=10'),
+    (_FASHION, {'loss.name': 'huber'},
+     r"config.loss.name='huber' is invalid: a regression loss needs float targets, but "
+     r"config.data.name='fashion_mnist' has class labels"),
+    (_TOMATOES, {'loss.name': 'log_cosh'},
+     r"config.loss.name='log_cosh' is invalid: .*'rotten_tomatoes' has class labels"),
+    (_regression, {'loss.name': 'softmax_cross_entropy'},
+     r"config.loss.name='softmax_cross_entropy' is invalid: "
+     r"config.data.synthetic_task='regression' gives float targets"),
+    (_regression, {'optimizer.label_smoothing': 0.1},
+     r'config.optimizer.label_smoothing=0.1 is invalid: it smooths class labels'),
+    (_regression, {'checkpoint.best_metric': 'eval/accuracy'},
+     r"config.checkpoint.best_metric='eval/accuracy' is invalid: allowed values are "
+     r'eval/loss, eval/mae'),
+    (_FASHION, {'loss.name': 'mse'},
+     r"config.loss.name='mse' is invalid: allowed values are softmax_cross_entropy, "
+     r'sigmoid_binary_cross_entropy, huber'),
+])
+def test_invalid_combinations_fail_in_validate_naming_the_keys(make, overrides, match):
+  config = make()
+  config.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=match):
     config_lib.validate(config, num_devices=8, num_processes=1)
-
-
-def test_invalid_combinations_fail_in_validate_naming_the_keys():
-  config = fashion_mnist_cnn.get_config()
-  config.loss.name = 'sigmoid_binary_cross_entropy'
-  _fails(config, r"config.loss.name='sigmoid_binary_cross_entropy' is invalid: one logit "
-                 r'scores two classes, but config.data.num_classes=10')
-  config = fashion_mnist_cnn.get_config()
-  config.loss.name = 'huber'
-  _fails(config, r"config.loss.name='huber' is invalid: a regression loss needs float "
-                 r"targets, but config.data.name='fashion_mnist' has class labels")
-  config = rotten_tomatoes_lstm.get_config()
-  config.loss.name = 'log_cosh'
-  _fails(config, r"config.loss.name='log_cosh' is invalid: .*'rotten_tomatoes' has class")
-  config = _config('l2', 4)
-  config.loss.name = 'softmax_cross_entropy'
-  _fails(config, r"config.loss.name='softmax_cross_entropy' is invalid: "
-                 r"config.data.synthetic_task='regression' gives float targets")
-  config = _config('l2', 4)
-  config.optimizer.label_smoothing = 0.1
-  _fails(config, r'config.optimizer.label_smoothing=0.1 is invalid: it smooths class labels')
-  config = _config('l2', 4)
-  config.checkpoint.best_metric = 'eval/accuracy'
-  _fails(config, r"config.checkpoint.best_metric='eval/accuracy' is invalid: allowed values "
-                 r'are eval/loss, eval/mae')
-  config = fashion_mnist_cnn.get_config()
-  config.loss.name = 'mse'
-  _fails(config, r"config.loss.name='mse' is invalid: allowed values are "
-                 r'softmax_cross_entropy, sigmoid_binary_cross_entropy, huber')

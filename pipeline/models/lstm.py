@@ -1,8 +1,9 @@
 """A stacked LSTM text classifier over post-padded token ids (0 = pad).
 
-embedding -> LSTM layer per `lstm_sizes` entry (dense + activation, relu by default, between layers when
-`dense_size` > 0) -> the last layer's hidden state at each sequence's last real token ->
-'head'. Sequence lengths go to `nn.RNN`, so trailing padding never changes the logits.
+embedding -> LSTM layer per `lstm_sizes` entry (dense + activation, relu by default,
+between layers when `dense_size` > 0) -> the last layer's hidden state at each sequence's
+last real token -> 'head'. Sequence lengths go to `nn.RNN`, so trailing padding never
+changes the logits. With sigmoid_binary_cross_entropy the head is one logit.
 
 Parameter paths: 'backbone/embed/embedding', 'backbone/lstm{i}/{ii,if,ig,io}/kernel',
 'backbone/lstm{i}/{hi,hf,hg,ho}/{kernel,bias}', 'backbone/dense{i}/{kernel,bias}'
