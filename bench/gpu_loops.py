@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from configs import default
+from pipeline import losses
 from pipeline import models
 from pipeline import optim
 from pipeline import prefetch
@@ -109,7 +110,8 @@ def main() -> None:
   init = functools.partial(steps.init_state, model, tx, shape, jnp.float32, config.seed)
   parallel = sharding.Parallel(config)
   train_step = parallel.compile_train_step(
-      functools.partial(steps.train_step, num_classes=num_classes, learning_rate_fn=lr_fn),
+      functools.partial(steps.train_step, loss=losses.softmax_cross_entropy(num_classes),
+                        learning_rate_fn=lr_fn),
       parallel.abstract_state(init))
   rng = np.random.default_rng(0)
   host_batches = [{'input': rng.normal(size=(args.batch, *shape)).astype(np.float32),

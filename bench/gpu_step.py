@@ -23,6 +23,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 from configs import imagenet_resnet50
+from pipeline import losses
 from pipeline import models
 from pipeline import optim
 from pipeline import steps
@@ -57,8 +58,8 @@ def main() -> None:
   rng = jax.random.PRNGKey(1)
   batch = {'input': jax.random.normal(rng, (args.batch, 224, 224, 3), jnp.float32),
            'label': jax.random.randint(rng, (args.batch,), 0, 1000, jnp.int32)}
-  step = jax.jit(functools.partial(steps.train_step, num_classes=1000,
-                                   learning_rate_fn=lr_fn, label_smoothing=0.1),
+  step = jax.jit(functools.partial(steps.train_step, loss=losses.from_config(config),
+                                   learning_rate_fn=lr_fn),
                  donate_argnums=0)
   start = time.perf_counter()
   lowered = step.lower(state, batch)

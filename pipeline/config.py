@@ -65,7 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'test'  # tfds/rotten_tomatoes: split evaluated (validation or test).
   c.data.validation_fraction = 0.1  # Share held out for validation where no split exists.
   c.data.test_fraction = 0.1  # rotten_tomatoes/csv_text: share held out as the test split.
-  c.data.num_classes = 10  # Number of labels; must match the dataset (or data.classes).
+  # Number of labels; must match the dataset (or data.classes). Regression: of targets.
+  c.data.num_classes = 10
   c.data.classes = ()  # Keep only these label ids, relabelled 0..n-1 (() = all).
   c.data.image_size = 0  # Resize images to this square size (0 = keep native size).
   c.data.channels = 1  # Image channels after decoding: 1 (gray) or 3 (RGB).
@@ -83,13 +84,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_train_size = 4096  # synthetic: number of training examples.
   c.data.synthetic_eval_size = 1024  # synthetic: number of eval examples.
   c.data.synthetic_shape = (28, 28, 1)  # synthetic: shape of one input.
+  # synthetic: 'classification' (class labels) or 'regression' (num_classes float targets).
+  c.data.synthetic_task = 'classification'
   c.data.num_workers = 0  # grain worker processes (0 = read in the main process).
   c.data.prefetch_threads = 2  # grain read threads feeding the batcher in the main process.
   # Train batches put on the devices ahead of the step, from a thread (0 = in the loop).
   c.data.device_prefetch = 2
 
   c.model = _Section(section='model')
-  c.model.name = 'cnn'  # One of MODELS.
+  c.model.name = 'cnn'  # One of MODELS, or a model of your own: 'package.module:Class'.
+  # 'package.module:Class' models: the class's keyword arguments. A config file declares
+  # them (config.model.kwargs = {'width': 32}); --config.model.kwargs.width=64 then works.
+  c.model.kwargs = _Section(section='model.kwargs')
+  c.model.activation = 'relu'  # Built-in models: every hidden activation (models/activations.py).
   c.model.dtype = 'float32'  # Compute dtype, one of DTYPES; parameters stay float32.
   c.model.width = 64  # ResNet: channels of the first stage (64 for the standard nets).
   c.model.stage_sizes = (1, 1, 1)  # resnet_small: residual blocks per stage.
@@ -116,10 +123,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8  # Adam-family epsilon.
   c.optimizer.clip_grad_norm = 0.0  # Clip gradients to this global norm (0 = off).
   c.optimizer.grad_accum_steps = 1  # Accumulate this many micro-batches per update.
-  c.optimizer.label_smoothing = 0.0  # Softmax cross-entropy label smoothing.
+  c.optimizer.label_smoothing = 0.0  # Label smoothing of the classification losses.
   c.optimizer.dp_l2_clip = 1.0  # dpsgd: per-example gradient clipping norm.
   c.optimizer.dp_noise_multiplier = 1.1  # dpsgd: noise stddev / clip norm.
   c.optimizer.noise_eta = 0.01  # noisy_sgd: noise variance scale.
+
+  c.loss = _Section(section='loss')
+  c.loss.name = 'softmax_cross_entropy'  # One of losses.NAMES; its metric follows it.
+  c.loss.huber_delta = 1.0  # huber: where the loss turns from quadratic to linear.
 
   c.train = _Section(section='train')
   c.train.global_batch_size = 128  # Examples per step over all processes and devices.
@@ -289,7 +300,6 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
   """Fails fast, naming the key and what is allowed, before anything is compiled."""
   _check_types(config, base_config())
   _check_choice(config, 'data.name', DATASETS)
-  _check_choice(config, 'model.name', MODELS)
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.stem', ('small', 'imagenet'))
   _check_choice(config, 'optimizer.name', OPTIMIZERS)
@@ -307,7 +317,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',
       'model.hidden_size', 'model.embed_dim', 'predict.batch_size', 'early_stopping.patience',
       'profile.num_steps', 'optimizer.dp_l2_clip', 'data.synthetic_train_size',
-      'data.synthetic_eval_size')
+      'data.synthetic_eval_size', 'loss.huber_delta')
   # Counts, sizes, rates and strengths where 0 means none or off, and below 0 means nothing.
   _check_non_negative(
       config, 'optimizer.warmup_steps', 'optimizer.clip_grad_norm',
@@ -317,6 +327,8 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'data.image_size', 'data.num_workers', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
       'model.lstm_dense_size', 'profile.server_port', 'watchdog.timeout_s')
+  _check_model(config)
+  _check_loss(config)
   _check_metrics(config)
   _check_dpsgd(config)
   if config.data.device_prefetch < 0:
@@ -368,10 +380,63 @@ def _check_metrics(config) -> None:
   run's evaluation writes; a typo would surface as a KeyError deep inside Orbax."""
   # Imported here: it loads Flax, which importing a config file should not.
   from pipeline import steps  # pylint: disable=g-import-not-at-top
-  produced = steps.eval_metric_names()
+  produced = steps.eval_metric_names(task=_loss_task(config))
   _check_choice(config, 'checkpoint.best_metric', produced)
   if config.early_stopping.metric:
     _check_choice(config, 'early_stopping.metric', produced)
+
+
+def _check_model(config) -> None:
+  """A built-in model by name, or an importable class that takes `model.kwargs`."""
+  from pipeline.models import activations  # pylint: disable=g-import-not-at-top  # Flax.
+  from pipeline.models import imported  # pylint: disable=g-import-not-at-top
+  name = config.model.name
+  if imported.is_import_path(name):
+    imported.check(config)  # Imports it: a typo or a missing module fails here.
+    # Silently ignored, these would look like settings of the user's model.
+    for key, default in (('model.activation', 'relu'), ('model.dtype', 'float32')):
+      if _lookup(config, key) != default:
+        _fail(key, _lookup(config, key), f'it applies to the built-in models only; {name} '
+              'takes its settings from config.model.kwargs')
+    return
+  _check_choice(config, 'model.name', MODELS)
+  if config.model.kwargs:
+    _fail('model.kwargs', config.model.kwargs.to_dict(),
+          f"it is for 'package.module:Class' models; built-in {name!r} reads the other "
+          'config.model keys')
+  _check_choice(config, 'model.activation', activations.NAMES)
+
+
+def _loss_task(config) -> str:
+  from pipeline import losses  # pylint: disable=g-import-not-at-top  # Loads JAX.
+  _check_choice(config, 'loss.name', losses.NAMES)
+  return losses.TASKS[config.loss.name]
+
+
+def _check_loss(config) -> None:
+  """The loss must fit the targets: classification losses class labels, regression
+  losses float targets, sigmoid binary cross-entropy exactly two classes."""
+  _check_choice(config, 'data.synthetic_task', ('classification', 'regression'))
+  loss, task = config.loss.name, _loss_task(config)
+  regression_data = (config.data.name == 'synthetic'
+                     and config.data.synthetic_task == 'regression')
+  if task == 'regression' and not regression_data:
+    _fail('loss.name', loss,
+          f'a regression loss needs float targets, but config.data.name='
+          f'{config.data.name!r} has class labels (regression targets come only from '
+          "data.name='synthetic' with data.synthetic_task='regression'); use "
+          'softmax_cross_entropy or sigmoid_binary_cross_entropy')
+  if task == 'classification' and regression_data:
+    _fail('loss.name', loss,
+          "config.data.synthetic_task='regression' gives float targets, not class labels; "
+          'use huber, l2, log_cosh or cosine_distance')
+  if loss == 'sigmoid_binary_cross_entropy' and config.data.num_classes != 2:
+    _fail('loss.name', loss,
+          f'one logit scores two classes, but config.data.num_classes='
+          f'{config.data.num_classes}; use softmax_cross_entropy')
+  if task == 'regression' and config.optimizer.label_smoothing:
+    _fail('optimizer.label_smoothing', config.optimizer.label_smoothing,
+          f'it smooths class labels, and config.loss.name={loss!r} has none')
 
 
 def _check_dpsgd(config) -> None:

@@ -1,4 +1,4 @@
-"""Learning curves: PNG plots of loss and accuracy vs step, drawn from metrics.jsonl."""
+"""Learning curves: PNG plots of loss and accuracy (or MAE) vs step, from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ from pipeline import storage
 
 
 def plot_learning_curves(workdir: str) -> list[str]:
-  """Writes WORKDIR/{loss,accuracy}.png (train and eval curves); returns their paths."""
+  """Writes WORKDIR/{loss,accuracy}.png, or {loss,mae}.png for a regression loss (train
+  and eval curves); returns their paths."""
   records = reporting.read_jsonl(workdir)
   paths = []
-  for metric in ('loss', 'accuracy'):
+  for metric in ('loss', 'accuracy', 'mae'):
+    curves = {split: sorted({r['step']: r[f'{split}/{metric}'] for r in records
+                             if f'{split}/{metric}' in r}.items()) for split in ('train', 'eval')}
+    if not any(curves.values()):  # The metric of the other task.
+      continue
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for split, style in (('train', '-'), ('eval', 'o-')):
-      key = f'{split}/{metric}'
-      points = sorted({r['step']: r[key] for r in records if key in r}.items())
-      if points:
-        axes.plot(*zip(*points), style, label=split, markersize=3)
+      if curves[split]:
+        axes.plot(*zip(*curves[split]), style, label=split, markersize=3)
     axes.set_xlabel('step')
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pipeline import losses as losses_lib
 from pipeline import optim
 
 
@@ -29,34 +30,54 @@ class TrainState(train_state.TrainState):
   rng: jax.Array | None = None  # Raw uint32 key data, so checkpoints hold plain arrays.
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output('loss')
-  accuracy: clu_metrics.Average.from_output('correct')
-  learning_rate: clu_metrics.LastValue.from_output('learning_rate')
-  grad_norm: clu_metrics.Average.from_output('grad_norm')
+def _collection(name: str, metric: str, output: str, *, train: bool) -> type:
+  """A CLU Collection of the loss, the task's `metric` (the mean of the step's `output`,
+  as `losses.Loss.quality` names it) and, for training, the learning rate and gradient
+  norm. CLU reads the metric classes from the annotations, so they are built as such."""
+  fields = {'loss': clu_metrics.Average.from_output('loss'),
+            metric: clu_metrics.Average.from_output(output)}
+  if train:
+    fields.update(learning_rate=clu_metrics.LastValue.from_output('learning_rate'),
+                  grad_norm=clu_metrics.Average.from_output('grad_norm'))
+  return flax.struct.dataclass(type(name, (clu_metrics.Collection,),
+                                    {'__annotations__': fields, '__module__': __name__}))
 
 
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output('loss')
-  accuracy: clu_metrics.Average.from_output('correct')
+TrainMetrics = _collection('TrainMetrics', 'accuracy', 'correct', train=True)
+EvalMetrics = _collection('EvalMetrics', 'accuracy', 'correct', train=False)
+# Regression losses report the mean absolute error (over examples and targets) instead.
+RegressionTrainMetrics = _collection('RegressionTrainMetrics', 'mae', 'abs_error', train=True)
+RegressionEvalMetrics = _collection('RegressionEvalMetrics', 'mae', 'abs_error', train=False)
+
+_METRICS = {losses_lib.CLASSIFICATION: (TrainMetrics, EvalMetrics),
+            losses_lib.REGRESSION: (RegressionTrainMetrics, RegressionEvalMetrics)}
 
 
-def eval_metric_names(prefix: str = 'eval') -> tuple[str, ...]:
+def eval_metric_names(prefix: str = 'eval',
+                      task: str = losses_lib.CLASSIFICATION) -> tuple[str, ...]:
   """The metrics an evaluation of a split writes (`evaluate.evaluate`), e.g. 'eval/loss':
   the names `checkpoint.best_metric` and `early_stopping.metric` may take."""
-  return tuple(f'{prefix}/{field.name}' for field in dataclasses.fields(EvalMetrics)
+  return tuple(f'{prefix}/{field.name}' for field in dataclasses.fields(_METRICS[task][1])
                if not field.name.startswith('_'))  # CLU's own bookkeeping field.
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
-               input_dtype: Any, seed: int) -> TrainState:
-  """Initializes params and statistics; called under jit so the result is born sharded."""
+               input_dtype: Any, seed: int, num_outputs: int | None = None) -> TrainState:
+  """Initializes params and statistics; called under jit so the result is born sharded.
+
+  With `num_outputs` (the loss's width), a model whose output is not [batch, num_outputs]
+  fails here, while the state's shapes are computed, before anything compiles.
+  """
   rng = jax.random.PRNGKey(seed)
   params_rng, dropout_rng, rng = jax.random.split(rng, 3)
   example = jnp.zeros((1, *input_shape), input_dtype)
-  variables = model.init({'params': params_rng, 'dropout': dropout_rng}, example, train=False)
+  outputs, variables = model.init_with_output(
+      {'params': params_rng, 'dropout': dropout_rng}, example, train=False)
+  if num_outputs is not None and outputs.shape != (1, num_outputs):
+    raise ValueError(
+        f'The model ({type(model).__name__}) returns outputs of shape {outputs.shape} for a '
+        f'batch of 1, but config.loss.name needs [batch, {num_outputs}]: '
+        'data.num_classes outputs, or 1 for sigmoid_binary_cross_entropy.')
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables.get('batch_stats', {}), rng=rng)
@@ -66,38 +87,29 @@ def _pmean(tree, axis_name: str | None):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-      if label_smoothing else jax.nn.one_hot(labels, num_classes)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def _forward(state: TrainState, params, batch_stats, inputs, labels, dropout_rng,
-             num_classes: int, label_smoothing: float):
+             loss: losses_lib.Loss):
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
   logits, updates = state.apply_fn(variables, inputs, train=True,
                                    rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-  losses = cross_entropy(logits, labels, num_classes, label_smoothing)
+  losses = loss.per_example(logits, labels)
   new_stats = updates['batch_stats'] if batch_stats else batch_stats
   return losses.mean(), (losses, logits, new_stats)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int,
-               learning_rate_fn: Callable[[jax.Array], jax.Array], label_smoothing: float = 0.0,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss: losses_lib.Loss,
+               learning_rate_fn: Callable[[jax.Array], jax.Array],
                grad_accum_steps: int = 1, per_example_grads: bool = False,
                frozen: tuple[str, ...] = (), axis_name: str | None = None) -> tuple[TrainState, TrainMetrics]:
   """One optimizer update on `batch`, split into `grad_accum_steps` micro-batches.
 
   Args:
     state: the current state (donated by the caller).
-    batch: {'input': [B, ...], 'label': [B]}.
-    num_classes: size of the classifier output.
+    batch: {'input': [B, ...], 'label': [B] class ids or [B, targets] floats}.
+    loss: the loss (`losses.from_config`); its task picks the metrics.
     learning_rate_fn: the optimizer's schedule, only for reporting.
-    label_smoothing: softmax cross-entropy label smoothing.
     grad_accum_steps: micro-batches whose mean gradient makes one update.
     per_example_grads: hand the optimizer [B, ...] gradients (DP-SGD clips each one).
     frozen: path prefixes whose BatchNorm statistics stay fixed (the optimizer already
@@ -117,14 +129,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: i
   def grads_of(micro_inputs, micro_labels, batch_stats, rng):
     if per_example_grads:
       def one(x, y):
-        loss_fn = lambda p: _forward(state, p, batch_stats, x[None], y[None], rng,
-                                     num_classes, label_smoothing)
+        loss_fn = lambda p: _forward(state, p, batch_stats, x[None], y[None], rng, loss)
         return jax.grad(loss_fn, has_aux=True)(state.params)
       grads, (losses, logits, stats) = jax.vmap(one)(micro_inputs, micro_labels)
       return grads, losses.reshape(-1), logits.reshape(-1, logits.shape[-1]), \
           jax.tree.map(lambda s: s.mean(0), stats)
     loss_fn = lambda p: _forward(state, p, batch_stats, micro_inputs, micro_labels, rng,
-                                 num_classes, label_smoothing)
+                                 loss)
     grads, (losses, logits, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     return grads, losses, logits, stats
 
@@ -149,14 +160,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: i
         accumulate, (zeros, state.batch_stats), (jnp.arange(k), (split(inputs), split(labels))))
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     losses, logits = losses.reshape(-1), logits.reshape(-1, logits.shape[-1])
-    labels = split(labels).reshape(-1)
+    labels = split(labels).reshape(-1, *labels.shape[1:])
 
   grads = _pmean(grads, axis_name)
   batch_stats = optim.keep_frozen(_pmean(batch_stats, axis_name), state.batch_stats, frozen)
   mean_grads = jax.tree.map(lambda g: g.mean(0), grads) if per_example_grads else grads
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  metrics = _collect(TrainMetrics, axis_name, loss=losses, correct=logits.argmax(-1) == labels,
-                     learning_rate=learning_rate_fn(state.step),
+  metrics = _collect(_METRICS[loss.task][0], axis_name, loss=losses,
+                     **loss.quality(logits, labels), learning_rate=learning_rate_fn(state.step),
                      grad_norm=optax.tree.norm(mean_grads))
   return new_state, metrics
 
@@ -175,15 +186,19 @@ def _eval_logits(state: TrainState, inputs: jax.Array) -> jax.Array:
   return state.apply_fn(variables, inputs, train=False).astype(jnp.float32)
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, num_classes: int,
-              axis_name: str | None = None) -> EvalMetrics:
-  """Loss and accuracy on `batch`; examples whose `mask` is False count nowhere."""
-  logits = _eval_logits(state, batch['input'])
-  losses = cross_entropy(logits, batch['label'], num_classes)
-  return _collect(EvalMetrics, axis_name, loss=losses,
-                  correct=logits.argmax(-1) == batch['label'], mask=batch['mask'])
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss: losses_lib.Loss,
+              axis_name: str | None = None) -> clu_metrics.Collection:
+  """Loss and accuracy (or MAE) on `batch`; examples whose `mask` is False count nowhere.
+
+  `loss` is built without label smoothing (`losses.from_config(..., for_eval=True)`):
+  smoothing shapes training, not the score.
+  """
+  logits, labels = _eval_logits(state, batch['input']), batch['label']
+  return _collect(_METRICS[loss.task][1], axis_name, loss=loss.per_example(logits, labels),
+                  **loss.quality(logits, labels), mask=batch['mask'])
 
 
-def predict_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
-  """Class probabilities for `batch['input']`."""
-  return jax.nn.softmax(_eval_logits(state, batch['input']))
+def predict_step(state: TrainState, batch: dict[str, jax.Array], *,
+                 loss: losses_lib.Loss) -> jax.Array:
+  """Class probabilities (regression: the outputs) for `batch['input']`."""
+  return loss.predict(_eval_logits(state, batch['input']))

@@ -19,6 +19,7 @@ from pipeline import evaluate as evaluate_lib
 from pipeline import exits
 from pipeline import goodput
 from pipeline import ledger as ledger_lib
+from pipeline import losses
 from pipeline import models
 from pipeline import optim
 from pipeline import plots
@@ -84,20 +85,20 @@ class Trainer:
     tx, self.learning_rate_fn = optim.make_optimizer(config, self.schedule_steps)
     self.parallel = sharding.make_parallel(config)
     self.model = models.make_model(config, axis_name=self.parallel.axis_name)
+    self.loss = losses.from_config(config)
     self.init_fn = functools.partial(steps.init_state, self.model, tx, self.data.input_shape,
-                                     self.data.input_dtype, config.seed)
+                                     self.data.input_dtype, config.seed, self.loss.num_outputs)
     self.abstract_state = self.parallel.abstract_state(self.init_fn)
-    num_classes = config.data.num_classes
+    eval_loss = losses.from_config(config, for_eval=True)
     self.train_step = self.parallel.compile_train_step(functools.partial(
-        steps.train_step, num_classes=num_classes, learning_rate_fn=self.learning_rate_fn,
-        label_smoothing=config.optimizer.label_smoothing,
+        steps.train_step, loss=self.loss, learning_rate_fn=self.learning_rate_fn,
         grad_accum_steps=config.optimizer.grad_accum_steps,
         per_example_grads=optim.needs_per_example_grads(config),
         frozen=tuple(config.freeze)), self.abstract_state)
     self.eval_step = self.parallel.compile_eval_step(
-        functools.partial(steps.eval_step, num_classes=num_classes), self.abstract_state)
-    self.predict_step = self.parallel.compile_predict_step(steps.predict_step,
-                                                           self.abstract_state)
+        functools.partial(steps.eval_step, loss=eval_loss), self.abstract_state)
+    self.predict_step = self.parallel.compile_predict_step(
+        functools.partial(steps.predict_step, loss=eval_loss), self.abstract_state)
 
   def compile_train_step(self, state: steps.TrainState, batch: Any) -> float:
     """Compiles the step for these shapes ahead of time; returns its model FLOPs.
@@ -208,7 +209,7 @@ def _evaluate(trainer: Trainer, state, writer, step: int, lead: bool,
     return None
   writer.write_scalars(step, metrics)
   logging.info('step %d: %s', step, metrics)
-  if len(trainer.data.input_shape) == 3:
+  if len(trainer.data.input_shape) == 3 and trainer.loss.task == losses.CLASSIFICATION:
     # Every process runs the step (it spans all devices); only the lead writes the grid.
     batch = next(iter(trainer.data.eval_batches()))
     probs = trainer.parallel.host_outputs(

@@ -45,14 +45,15 @@ def _env(devices=8):
   return env
 
 
-def _start(workdir, *extra, devices=8):
-  cmd = [sys.executable, '-m', 'pipeline.main', f'--workdir={workdir}', *BASE_FLAGS, *extra]
+def _start(workdir, *extra, devices=8, flags=tuple(BASE_FLAGS)):
+  """`flags`: the run's own flags (tests/test_imported.py runs other configs)."""
+  cmd = [sys.executable, '-m', 'pipeline.main', f'--workdir={workdir}', *flags, *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _run(workdir, *extra, devices=8):
-  proc = _start(workdir, *extra, devices=devices)
+def _run(workdir, *extra, devices=8, flags=tuple(BASE_FLAGS)):
+  proc = _start(workdir, *extra, devices=devices, flags=flags)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   return out
@@ -88,9 +89,9 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _interrupt_at(workdir, step, sig=signal.SIGTERM):
+def _interrupt_at(workdir, step, sig=signal.SIGTERM, flags=tuple(BASE_FLAGS)):
   """Starts a run and sends `sig` once metrics.jsonl shows `step` done."""
-  proc = _start(workdir)
+  proc = _start(workdir, flags=flags)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     if max(_losses(workdir), default=0) >= step:

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import config as config_lib
 from pipeline import models
+from pipeline.models import activations
 from pipeline.models import resnet
 
 BN_MODELS = ('cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small')
@@ -195,3 +196,63 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params(name):
   activation = inner['embed']['__call__'][0] if name == 'lstm' else inner['__call__'][0]
   assert activation.dtype == jnp.bfloat16
   assert state['intermediates']['head']['__call__'][0].dtype == jnp.bfloat16
+
+
+def _fit(model, x, num_steps=25):
+  """Adam on one fixed batch: the losses of `num_steps` steps, and the final variables."""
+  variables = _init(model, x)
+  labels = jnp.arange(x.shape[0]) % 3
+  tx = optax.adam(1e-2)
+
+  def loss_fn(params):
+    logits = model.apply({**variables, 'params': params}, x, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params, opt_state, losses = variables['params'], tx.init(variables['params']), []
+  for _ in range(num_steps):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  return losses, variables['params'], params
+
+
+@pytest.mark.parametrize('activation', activations.NAMES)
+def test_every_activation_builds_and_trains(activation):
+  model = models.make_model(_config('mlp', activation=activation))
+  x = _inputs('mlp', batch=8)
+  losses, before, after = _fit(model, x)
+  assert losses[-1] < 0.5 * losses[0], losses
+  if activation == 'prelu':  # Its slope is a parameter beside the layer, and it learns.
+    slope = ('backbone', 'PReLU_0', 'negative_slope')
+    assert before[slope[0]][slope[1]][slope[2]] == pytest.approx(0.01)
+    assert after[slope[0]][slope[1]][slope[2]] != pytest.approx(0.01)
+  else:
+    assert set(before['backbone']) == {'Dense_0'}  # The default's paths, for any fixed one.
+  # The activation is the one asked for: relu's output differs from any other's.
+  if activation != 'relu':
+    relu = models.make_model(_config('mlp'))
+    assert not np.allclose(model.apply(_init(model, x), x, train=False),
+                           relu.apply(_init(relu, x), x, train=False))
+
+
+@pytest.mark.parametrize('name', ['cnn_bn', 'resnet_small', 'lstm'])
+def test_activation_reaches_every_hidden_layer_of_the_other_models(name):
+  """prelu: one learned slope per activation call (shapes only: the mlp test trains it)."""
+  model = models.make_model(_config(name, activation='prelu'))
+  variables = jax.eval_shape(lambda x: _init(model, x), _inputs(name))
+  slopes = [path for path, _ in jax.tree_util.tree_leaves_with_path(variables['params'])
+            if 'PReLU' in jax.tree_util.keystr(path)]
+  # cnn_bn: 2 convs + dense; resnet_small (2 stages of 1 block): stem + 2 per block;
+  # lstm (2 layers, a dense between): 1.
+  assert len(slopes) == {'cnn_bn': 3, 'resnet_small': 5, 'lstm': 1}[name]
+
+
+def test_unknown_activation_names_the_key_and_the_valid_names():
+  with pytest.raises(ValueError, match=r"config.model.activation='swish' is invalid: allowed "
+                                       r'values are relu, gelu, elu'):
+    config_lib.validate(_config('mlp', activation='swish'), num_devices=8, num_processes=1)

@@ -156,7 +156,8 @@ class Data:
   """A dataset ready to batch for one process; build it with `make_data`.
 
   Batches are dicts of numpy arrays: 'input' [B, ...] (float32 NHWC images, int32 token
-  ids with 0 = pad, or float32 vectors), 'label' int32 [B], for train 'index' int64 [B]
+  ids with 0 = pad, or float32 vectors), 'label' int32 [B] (synthetic regression: float32
+  [B, num_classes] targets), for train 'index' int64 [B]
   (each example's index in the train split, checked and recorded by `pipeline.ledger` and
   not for the devices), and for eval 'mask' bool [B] (False on padding). B is the global
   batch divided by the process count.
@@ -201,6 +202,7 @@ class Data:
   _flip: bool = dataclasses.field(repr=False)
   _threads: int = dataclasses.field(repr=False)
   _workers: int = dataclasses.field(repr=False)
+  _targets: int = dataclasses.field(default=0, repr=False)  # Float targets (0 = class ids).
 
   def __post_init__(self):
     self._order = _Order(self.train_size, self._seed)
@@ -299,7 +301,7 @@ class Data:
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
                               pad=self._crop_pad, flip=self._flip)
-    return {'input': self._finish(inputs), 'label': labels.astype(np.int32), 'index': indices}
+    return {'input': self._finish(inputs), 'label': self._labels(labels), 'index': indices}
 
   def _eval_batch_at(self, split, batch: int) -> dict[str, np.ndarray]:
     size = self._eval_batch // self._process_count
@@ -307,12 +309,16 @@ class Data:
     positions = np.arange(start, start + size, dtype=np.int64)
     mask = positions < len(split)
     out = {'input': np.zeros((size, *self.input_shape), self.input_dtype),
-           'label': np.zeros(size, np.int32), 'mask': mask}
+           'label': self._labels(np.zeros((size, self._targets) if self._targets else size)),
+           'mask': mask}
     if mask.any():
       inputs, labels = split.read(positions[mask])
       out['input'][mask] = self._finish(inputs)
       out['label'][mask] = labels
     return out
+
+  def _labels(self, labels: np.ndarray) -> np.ndarray:
+    return labels.astype(np.float32 if self._targets else np.int32, copy=False)
 
   def _finish(self, inputs: np.ndarray) -> np.ndarray:
     if self._kind == 'image':
@@ -409,7 +415,9 @@ def make_data(config, *, process_index: int, process_count: int,
       _seed=config.seed, _global_batch=config.train.global_batch_size,
       _eval_batch=config.eval.batch_size, _process_index=process_index,
       _process_count=process_count, _crop_pad=d.random_crop_pad, _flip=d.random_flip,
-      _threads=d.prefetch_threads, _workers=d.num_workers)
+      _threads=d.prefetch_threads, _workers=d.num_workers,
+      _targets=d.num_classes if d.name == 'synthetic' and d.synthetic_task == 'regression'
+      else 0)
 
 
 def _image_stats(train) -> tuple[np.ndarray, np.ndarray]:

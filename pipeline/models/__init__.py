@@ -6,6 +6,10 @@ that freezing and partial restores work by path prefix: 'backbone/...' is the fe
 extractor and 'head/{kernel,bias}' is the classifier. Models with BatchNorm ('cnn_bn', the
 ResNets) also carry a 'batch_stats' collection that is mutable when `train=True`; 'cnn_bn'
 draws dropout from the 'dropout' rng. Adding a model is one file and one line below.
+
+A name with a colon, 'package.module:Class', is a Linen or NNX model of the user's own
+(`imported.py`), built from `config.model.kwargs`; the built-in models take
+`config.model.activation` for every hidden layer (`activations.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import flax.linen as nn
 import ml_collections
 
 from pipeline.models import cnn
+from pipeline.models import imported
 from pipeline.models import lstm
 from pipeline.models import mlp
 from pipeline.models import resnet
@@ -49,6 +54,10 @@ def make_model(config: ml_collections.ConfigDict, axis_name: str | None = None) 
     ValueError: the name is not registered; the message lists the valid names.
   """
   name = config.model.name
+  if imported.is_import_path(name):
+    # The user's model is the user's whole network: it gets no pmap axis or frozen-norm
+    # switch, which only the built-in models know how to honour.
+    return imported.build(config)
   if name not in _MODELS:
     raise ValueError(
         f'config.model.name={name!r} is invalid: valid names are {", ".join(_MODELS)}.')

@@ -1,7 +1,7 @@
 """The book's CNN, optionally with BatchNorm and dropout ('cnn' and 'cnn_bn').
 
-conv 32 3x3 -> [BatchNorm] -> relu -> avg_pool 2 -> conv 64 3x3 -> [BatchNorm] -> relu ->
-avg_pool 2 -> flatten -> dense hidden_size -> relu -> [Dropout] -> 'head'.
+conv 32 3x3 -> [BatchNorm] -> act -> avg_pool 2 -> conv 64 3x3 -> [BatchNorm] -> act ->
+avg_pool 2 -> flatten -> dense hidden_size -> act -> [Dropout] -> 'head'.
 
 Parameter paths: 'backbone/Conv_0', 'backbone/Conv_1', 'backbone/Dense_0' (each
 {kernel,bias}; the convolutions have no bias when BatchNorm follows), with BatchNorm
@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pipeline import losses
+from pipeline.models import activations
+
 # Running averages that catch up within a few dozen steps (flax's default 0.99 needs
 # hundreds), as in torchvision and flax's ImageNet example.
 BATCH_NORM_MOMENTUM = 0.9
@@ -30,9 +33,11 @@ class CNNBackbone(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
+  activation: str = 'relu'  # 'act' above: a name of activations.NAMES.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    act = activations.get(self.activation)
     for features in (32, 64):
       # A bias in front of BatchNorm is cancelled by its mean subtraction.
       x = nn.Conv(features, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype,
@@ -42,11 +47,11 @@ class CNNBackbone(nn.Module):
                          momentum=BATCH_NORM_MOMENTUM,
                          dtype=self.dtype, param_dtype=jnp.float32,
                          axis_name=self.axis_name)(x)
-      x = nn.relu(x)
+      x = act(x)
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    return nn.relu(x)
+    return act(x)
 
 
 class CNN(nn.Module):
@@ -58,11 +63,12 @@ class CNN(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
+  activation: str = 'relu'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = CNNBackbone(self.hidden_size, self.batch_norm, self.dtype, self.axis_name,
-                    self.frozen_norm, name='backbone')(
+                    self.frozen_norm, self.activation, name='backbone')(
         x, train=train)
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -73,8 +79,8 @@ class CNN(nn.Module):
 def from_config(config: ml_collections.ConfigDict, *, batch_norm: bool,
                 axis_name: str | None = None, frozen_norm: bool = False) -> CNN:
   """'cnn' is the plain network; 'cnn_bn' adds BatchNorm and config.model.dropout_rate."""
-  return CNN(num_classes=config.data.num_classes, hidden_size=config.model.hidden_size,
+  return CNN(num_classes=losses.num_outputs(config), hidden_size=config.model.hidden_size,
              batch_norm=batch_norm,
              dropout_rate=config.model.dropout_rate if batch_norm else 0.0,
              dtype=jnp.dtype(config.model.dtype), axis_name=axis_name,
-             frozen_norm=frozen_norm)
+             frozen_norm=frozen_norm, activation=config.model.activation)

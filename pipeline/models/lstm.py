@@ -1,8 +1,9 @@
 """A stacked LSTM text classifier over post-padded token ids (0 = pad).
 
-embedding -> LSTM layer per `lstm_sizes` entry (dense + relu between layers when
-`dense_size` > 0) -> the last layer's hidden state at each sequence's last real token ->
-'head'. Sequence lengths go to `nn.RNN`, so trailing padding never changes the logits.
+embedding -> LSTM layer per `lstm_sizes` entry (dense + activation, relu by default,
+between layers when `dense_size` > 0) -> the last layer's hidden state at each sequence's
+last real token -> 'head'. Sequence lengths go to `nn.RNN`, so trailing padding never
+changes the logits. With sigmoid_binary_cross_entropy the head is one logit.
 
 Parameter paths: 'backbone/embed/embedding', 'backbone/lstm{i}/{ii,if,ig,io}/kernel',
 'backbone/lstm{i}/{hi,hf,hg,ho}/{kernel,bias}', 'backbone/dense{i}/{kernel,bias}'
@@ -22,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pipeline import losses
+from pipeline.models import activations
+
 
 class LSTMBackbone(nn.Module):
   """Returns the last layer's hidden state at the last non-pad step, [batch, size]."""
@@ -30,6 +34,7 @@ class LSTMBackbone(nn.Module):
   lstm_sizes: Sequence[int]
   dense_size: int = 0
   dtype: Any = jnp.float32
+  activation: str = 'relu'  # Of the dense layers between LSTM layers.
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -41,7 +46,7 @@ class LSTMBackbone(nn.Module):
     hidden = None
     for i, size in enumerate(self.lstm_sizes):
       if i > 0 and self.dense_size > 0:
-        x_BLD = nn.relu(nn.Dense(self.dense_size, dtype=self.dtype,
+        x_BLD = activations.get(self.activation)(nn.Dense(self.dense_size, dtype=self.dtype,
                                  param_dtype=jnp.float32, name=f'dense{i - 1}')(x_BLD))
       # Named here, the cell's parameters sit at 'lstm{i}' (nn.RNN itself has none).
       cell = nn.OptimizedLSTMCell(size, dtype=self.dtype, param_dtype=jnp.float32,
@@ -61,18 +66,20 @@ class LSTMClassifier(nn.Module):
   lstm_sizes: Sequence[int]
   dense_size: int = 0
   dtype: Any = jnp.float32
+  activation: str = 'relu'
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
     del train  # No dropout or batch statistics.
     x = LSTMBackbone(self.vocab_size, self.embed_dim, tuple(self.lstm_sizes),
-                     self.dense_size, self.dtype, name='backbone')(tokens)
+                     self.dense_size, self.dtype, self.activation, name='backbone')(tokens)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
 
 
 def from_config(config: ml_collections.ConfigDict) -> LSTMClassifier:
   return LSTMClassifier(
-      num_classes=config.data.num_classes, vocab_size=config.data.vocab_size,
+      num_classes=losses.num_outputs(config), vocab_size=config.data.vocab_size,
       embed_dim=config.model.embed_dim, lstm_sizes=tuple(config.model.lstm_sizes),
-      dense_size=config.model.lstm_dense_size, dtype=jnp.dtype(config.model.dtype))
+      dense_size=config.model.lstm_dense_size, dtype=jnp.dtype(config.model.dtype),
+      activation=config.model.activation)

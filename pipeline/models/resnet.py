@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pipeline import losses
+from pipeline.models import activations
+
 # See cnn.py: running averages that catch up within a few dozen steps.
 BATCH_NORM_MOMENTUM = 0.9
 
@@ -46,18 +49,20 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
+  activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
+    act = activations.get(self.activation)
     s = (self.strides, self.strides)
     y = conv(self.filters, (3, 3), s, padding=((1, 1), (1, 1)), name='conv1')(x)
-    y = nn.relu(norm(name='bn1')(y))
+    y = act(norm(name='bn1')(y))
     y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     y = norm(name='bn2')(y)
     if x.shape[-1] != self.filters or self.strides != 1:
       x = norm(name='proj_bn')(conv(self.filters, (1, 1), s, name='proj_conv')(x))
-    return nn.relu(x + y)
+    return act(x + y)
 
 
 class BottleneckBlock(nn.Module):
@@ -67,18 +72,20 @@ class BottleneckBlock(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
+  activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
+    act = activations.get(self.activation)
     s = (self.strides, self.strides)
-    y = nn.relu(norm(name='bn1')(conv(self.filters, (1, 1), name='conv1')(x)))
+    y = act(norm(name='bn1')(conv(self.filters, (1, 1), name='conv1')(x)))
     y = conv(self.filters, (3, 3), s, padding=((1, 1), (1, 1)), name='conv2')(y)
-    y = nn.relu(norm(name='bn2')(y))
+    y = act(norm(name='bn2')(y))
     y = norm(name='bn3')(conv(4 * self.filters, (1, 1), name='conv3')(y))
     if x.shape[-1] != 4 * self.filters or self.strides != 1:
       x = norm(name='proj_bn')(conv(4 * self.filters, (1, 1), s, name='proj_conv')(x))
-    return nn.relu(x + y)
+    return act(x + y)
 
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
@@ -93,17 +100,19 @@ class ResNetBackbone(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
+  activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
+    act = activations.get(self.activation)
     if self.stem == 'imagenet':
       x = conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='stem_conv')(x)
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = act(norm(name='stem_bn')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'small':
       x = conv(self.width, (3, 3), padding=((1, 1), (1, 1)), name='stem_conv')(x)
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = act(norm(name='stem_bn')(x))
     else:
       raise ValueError(f"config.model.stem={self.stem!r} is invalid: use 'small' or 'imagenet'.")
     block = _BLOCKS[self.block]
@@ -111,6 +120,7 @@ class ResNetBackbone(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = block(self.width * 2**i, strides, self.dtype, self.axis_name, self.frozen_norm,
+                  self.activation,
                   name=f'stage{i}_block{j}')(
             x, train=train)
     return jnp.mean(x, axis=(1, 2))
@@ -126,11 +136,12 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
+  activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = ResNetBackbone(tuple(self.stage_sizes), self.block, self.width, self.stem,
-                       self.dtype, self.axis_name, self.frozen_norm,
+                       self.dtype, self.axis_name, self.frozen_norm, self.activation,
                        name='backbone')(x, train=train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
@@ -142,7 +153,7 @@ def from_config(config: ml_collections.ConfigDict, *, block: str,
   """Builds a ResNet; `stage_sizes` None means config.model.stage_sizes (resnet_small)."""
   if stage_sizes is None:
     stage_sizes = config.model.stage_sizes
-  return ResNet(num_classes=config.data.num_classes, stage_sizes=tuple(stage_sizes),
+  return ResNet(num_classes=losses.num_outputs(config), stage_sizes=tuple(stage_sizes),
                 block=block, width=config.model.width, stem=config.model.stem,
                 dtype=jnp.dtype(config.model.dtype), axis_name=axis_name,
-                frozen_norm=frozen_norm)
+                frozen_norm=frozen_norm, activation=config.model.activation)
