@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import ml_collections
 
-DATASETS = ('fashion_mnist', 'rotten_tomatoes', 'image_folder', 'csv_text', 'tfds', 'synthetic')
 MODELS = ('mlp', 'cnn', 'cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small', 'lstm')
 OPTIMIZERS = (
     'adabelief', 'adafactor', 'adagrad', 'adam', 'adamw', 'dpsgd', 'fromage', 'lamb', 'lars',
@@ -56,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Seeds parameter init, dropout, data order and augmentation.
 
   c.data = _Section(section='data')
-  c.data.name = 'fashion_mnist'  # One of DATASETS.
+  c.data.name = 'fashion_mnist'  # One of pipeline.data.sources.SOURCES.
   c.data.path = FASHION_MNIST_DIR  # IDX dir, image folder root or CSV file, by data.name.
   c.data.eval_path = ''  # image_folder/csv_text: separate eval folder/file ('' = split path).
   c.data.tfds_name = ''  # tfds: dataset name, e.g. 'cifar10' or 'imdb_reviews'.
@@ -288,7 +287,9 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int]:
 def validate(config, *, num_devices: int, num_processes: int) -> None:
   """Fails fast, naming the key and what is allowed, before anything is compiled."""
   _check_types(config, base_config())
-  _check_choice(config, 'data.name', DATASETS)
+  # Imported here: the data layer loads grain and PIL, which importing a config should not.
+  from pipeline.data import sources  # pylint: disable=g-import-not-at-top
+  _check_choice(config, 'data.name', tuple(sources.SOURCES))
   _check_choice(config, 'model.name', MODELS)
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.stem', ('small', 'imagenet'))

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data import images
+from pipeline.data import source as source_lib
 from pipeline.data import sources
 from pipeline.data import text
 from pipeline.data.errors import DataError
@@ -35,6 +36,9 @@ from pipeline.data.errors import DataError
 VOCABULARY_FILE = 'vocabulary.json'
 DATA_INFO_FILE = 'data_info.json'
 _ORDER_SALT = 0x0DA7A  # Keeps the order stream apart from other uses of config.seed.
+# Pixel statistics of file-backed image sets come from this many training images; the
+# mean and std settle to about 3 digits well before that, and decoding all is slow.
+STATS_SAMPLE = 512
 
 
 class _Order:
@@ -379,7 +383,7 @@ def make_data(config, *, process_index: int, process_count: int,
   vectorizer = None
   if source.kind == 'text':
     vectorizer = _vectorizer(config, splits[source.train_split].texts, workdir, process_index)
-    splits = {name: sources.ArraySplit(vectorizer(split.texts), split.labels)
+    splits = {name: source_lib.ArraySplit(vectorizer(split.texts), split.labels)
               for name, split in splits.items()}
   train = splits[source.train_split]
   if len(train) < config.train.global_batch_size:
@@ -413,10 +417,10 @@ def make_data(config, *, process_index: int, process_count: int,
 
 
 def _image_stats(train) -> tuple[np.ndarray, np.ndarray]:
-  if isinstance(train, sources.ArraySplit):
+  if isinstance(train, source_lib.ArraySplit):
     return images.channel_stats(train.inputs)
-  rng = np.random.default_rng(sources.SPLIT_SEED)
-  sample = np.sort(rng.permutation(len(train))[:sources.STATS_SAMPLE])
+  rng = np.random.default_rng(source_lib.SPLIT_SEED)
+  sample = np.sort(rng.permutation(len(train))[:STATS_SAMPLE])
   return images.channel_stats(train.read(sample)[0])
 
 
