@@ -2,6 +2,11 @@
 
   python bench/input.py                          # both datasets, 1 device
   python bench/input.py --datasets fashion_mnist --devices 8 --rounds 5
+  python bench/input.py --imagenet               # ImageNet-like JPEGs: start-up, images/s
+
+With --imagenet (see `imagenet_startup`) it generates a folder of ImageNet-like JPEGs
+(bench/jpegs.py: 20,000 files of 500x375 in 100 class subfolders by default) and measures
+the `image_folder` start-up per file with a cold page cache.
 
 For each dataset (Fashion-MNIST train with crop+flip, global batch 128, the default CNN;
 Rotten Tomatoes vectorized, batch 64, the LSTM of configs/rotten_tomatoes_lstm.py):
@@ -26,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import harness
 
@@ -40,7 +46,103 @@ def parse_args(argv):
   parser.add_argument('--rounds', type=int, default=3, help='real-loop windows measured')
   parser.add_argument('--seconds', type=float, default=2.0, help='seconds per segment')
   parser.add_argument('--keep', action='store_true', help='keep the temporary workdirs')
+  parser.add_argument('--imagenet', action='store_true',
+                      help='ImageNet-like JPEG folder instead of --datasets')
+  parser.add_argument('--jpeg_dir', default=os.path.join(tempfile.gettempdir(),
+                                                         'bench_imagenet_jpegs'),
+                      help='--imagenet: where the JPEGs are generated (kept between runs)')
+  parser.add_argument('--files', type=int, default=20000, help='--imagenet: JPEG count')
   return parser.parse_args(argv)
+
+
+def _drop_page_cache() -> bool:
+  """Empties the kernel's page cache (root only), so file reads hit the disk."""
+  try:
+    os.sync()
+    with open('/proc/sys/vm/drop_caches', 'w') as f:
+      f.write('3')
+    return True
+  except OSError:
+    return False
+
+
+def _folder_config(root: str):
+  from pipeline import config as config_lib
+  config = config_lib.base_config()
+  config.data.name = 'image_folder'
+  config.data.path = root
+  config.data.num_classes = 100
+  config.data.image_size = 224
+  config.data.channels = 3
+  config.data.validation_fraction = 0.02
+  config.data.normalize = False  # Statistics are timed on their own.
+  return config
+
+
+def imagenet_startup(args) -> dict:
+  """Seconds to build the `image_folder` data (make_data) per 10k files, cold cache.
+
+  first start: lists the folder and writes the list to the workdir (process 0's work);
+  restart: reads that list back (every later start, and the other processes);
+  probe every header: what start-up did before (Image.open + verify of each file);
+  statistics: decoding the 512-image sample for the channel mean/std, once per run.
+  Alternated round by round; medians and the spread (min-max) over rounds.
+  """
+  from pipeline.data import images
+  from pipeline.data import make_data
+
+  config = _folder_config(args.jpeg_dir)
+  workdir = tempfile.mkdtemp(prefix='bench_startup_')
+  make_data(config, process_index=0, process_count=1, workdir=workdir)  # Writes the list.
+  data = make_data(config, process_index=0, process_count=1)
+  count = data.train_size + data.eval_size
+  paths = data._splits['train'].paths + data._splits['validation'].paths  # pylint: disable=protected-access
+  stats_config = _folder_config(args.jpeg_dir)
+  stats_config.data.normalize = True
+
+  def first_start():
+    make_data(config, process_index=0, process_count=1, workdir=tempfile.mkdtemp(dir=workdir))
+
+  variants = {
+      'first start': first_start,
+      'restart': lambda: make_data(config, process_index=0, process_count=1, workdir=workdir),
+      'probe every header (before)': lambda: [images.probe(p) for p in paths],
+      'statistics (512 decodes)': lambda: make_data(stats_config, process_index=0,
+                                                    process_count=1),
+  }
+  per_file = {name: [] for name in variants}
+  cold = True
+  for round_index in range(args.rounds):
+    for name, run in variants.items():
+      cold = _drop_page_cache() and cold
+      start = time.perf_counter()
+      run()
+      seconds = time.perf_counter() - start
+      # Statistics cost the same whatever the folder's size: reported per run, not per file.
+      per_file[name].append(seconds if name.startswith('statistics') else seconds / count)
+    print(f'start-up round {round_index + 1}: ' + ', '.join(
+        f'{n} {v[-1]:.3g} s' if n.startswith('statistics') else f'{n} {v[-1] * 1e6:.1f} us/file'
+        for n, v in per_file.items()), flush=True)
+  if not args.keep:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return {'files': count, 'cold_cache': cold, 'per_file': per_file}
+
+
+def report_startup(result: dict) -> None:
+  print(f'\nimage_folder start-up, {result["files"]:,} files, '
+        f'{"cold" if result["cold_cache"] else "WARM (could not drop the page cache)"} cache '
+        '(medians, min-max over rounds)')
+  rows = []
+  for name, values in result['per_file'].items():
+    if name.startswith('statistics'):
+      rows.append([name, '-', '-', f'{harness.median(values):.2f} s per run '
+                   f'({min(values):.2f}-{max(values):.2f})'])
+    else:
+      us = [v * 1e6 for v in values]
+      rows.append([name, f'{harness.median(us):.1f} ({min(us):.1f}-{max(us):.1f})',
+                   f'{harness.median(values) * 1e4:.2f}', ''])
+  print(harness.table(rows, ['what', 'us/file', 's per 10k files', 'note']))
+  print('target: first start and restart <= 20 us/file')
 
 
 def measure(dataset: str, args) -> dict:
@@ -102,6 +204,15 @@ def report(results: list[dict]) -> None:
 def main(argv):
   args = parse_args(argv)
   harness.init_devices(args.devices)
+  if args.imagenet:
+    import jpegs
+    seconds = jpegs.write_folder(args.jpeg_dir, args.files)
+    if seconds:
+      print(f'Wrote {args.files:,} JPEGs to {args.jpeg_dir} in {seconds:.0f} s.')
+    result = imagenet_startup(args)
+    report_startup(result)
+    harness.emit({'startup': result})
+    return
   results = [measure(name, args) for name in args.datasets.split(',') if name]
   report(results)
   for result in results:

@@ -61,6 +61,14 @@ def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, flo
   return [{k: float(v[i]) for k, v in values.items()} for i in range(len(window_steps))]
 
 
+def _skipped_scalars(config, trainer: 'Trainer', train_iter) -> dict[str, float]:
+  """data/skipped under data.on_bad_record='skip': records dropped at start-up plus the
+  unreadable files this process's train stream stepped over (counted since this start)."""
+  if config.data.on_bad_record != 'skip':
+    return {}
+  return {'data/skipped': float(trainer.data.skipped + train_iter.skipped)}
+
+
 class Trainer:
   """Everything built from the config before the first step: data, model, compiled steps."""
 
@@ -380,7 +388,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
         hook(step)
       last, stopping = step == trainer.num_steps, stop.should_stop(step)
       if step % cfg.log_every_steps == 0 or last or stopping:
-        writer.write_scalars(step, {**window.flush(), **clock.scalars()})
+        writer.write_scalars(step, {**window.flush(), **clock.scalars(),
+                                    **_skipped_scalars(config, trainer, train_iter)})
         window.restart()
       eval_metrics, eval_pending = None, False
       if step % cfg.eval_every_steps == 0 or last:

@@ -10,6 +10,8 @@ import gzip
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 
 from etils import epath
@@ -387,19 +389,89 @@ def _image_folder(tmp_path, fashion_test, per_class=4):
                  validation_fraction=0.25)
 
 
-def test_corrupt_and_truncated_images_error_or_skip(tmp_path, fashion_test):
+def _read_everything(data, steps):
+  """Every split's eval pass, and `steps` train batches."""
+  passes = {name: list(data.split_batches(name)) for name in data.split_names}
+  iterator = data.train_iter()
+  train = _take(iterator, steps)
+  iterator.close()
+  return passes, train, iterator
+
+
+def test_bad_images_found_when_read_error_or_skip(tmp_path, fashion_test):
+  # Start-up only lists the folder, so bad files surface when a batch reads them.
   config = _image_folder(tmp_path, fashion_test)
+  config.data.normalize = False
   (tmp_path / 'c0' / 'garbage.png').write_bytes(b'not an image at all')
-  with pytest.raises(DataError, match=r'c0/garbage\.png: not a readable image'):
-    make_data(config, process_index=0, process_count=1)
-  os.remove(tmp_path / 'c0' / 'garbage.png')
   whole = (tmp_path / 'c1' / '0.png').read_bytes()
   (tmp_path / 'c1' / 'cut.png').write_bytes(whole[:len(whole) // 2])
-  with pytest.raises(DataError, match=r'c1/cut\.png'):
-    make_data(config, process_index=0, process_count=1)
+  data = make_data(config, process_index=0, process_count=1)
+  assert data.train_size + data.eval_size == 10 and data.skipped == 0
+  with pytest.raises(DataError, match=r'(c0/garbage|c1/cut)\.png: cannot decode image'):
+    _read_everything(data, steps=5)
   config.data.on_bad_record = 'skip'
   data = make_data(config, process_index=0, process_count=1)
-  assert data.skipped == 1 and data.train_size + data.eval_size == 8
+  # Two epochs of train batches (4 a step) meet both bad files at least twice.
+  passes, train, iterator = _read_everything(data, steps=2 * data.train_size // 4 + 1)
+  counted = sum(int(b['mask'].sum()) for p in passes.values() for b in p)
+  assert counted == data.train_size + data.eval_size - 2
+  # Train batches stay full: a bad file's slot holds the next readable image, not zeros.
+  assert all(b['input'].reshape(4, -1).max(axis=1).min() > 0 for b in train)
+  assert 'skipped' not in train[0] and iterator.skipped >= 2
+_SHARED_CHILD = """
+import sys
+from pipeline.data import run_files
+workdir, index, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def compute():
+  open(marker, 'w').close()
+  return {'made_by': index}
+print(run_files.shared(workdir, 'fact.json.gz', {'v': 1}, compute, process_index=index,
+                       wait_seconds=float(sys.argv[4]))['made_by'])
+"""
+
+
+def _shared_child(tmp_path, index, wait_seconds):
+  return subprocess.Popen(
+      [sys.executable, '-c', _SHARED_CHILD, str(tmp_path / 'run'), str(index),
+       str(tmp_path / f'computed_by_{index}'), str(wait_seconds)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'PYTHONPATH': os.getcwd()})
+
+
+def test_run_files_computed_once_by_process_0_across_real_processes(tmp_path):
+  alone = _shared_child(tmp_path, 1, wait_seconds=0.5)
+  _, err = alone.communicate(timeout=60)
+  assert alone.returncode != 0 and 'process 0 had not written it' in err
+  late = _shared_child(tmp_path, 1, wait_seconds=60)  # Starts first, waits for process 0.
+  time.sleep(1.0)
+  first = _shared_child(tmp_path, 0, wait_seconds=60)
+  outputs = [p.communicate(timeout=60) for p in (late, first)]
+  assert [p.returncode for p in (late, first)] == [0, 0], outputs
+  assert [o.strip() for o, _ in outputs] == ['0', '0']  # Both got process 0's value.
+  assert sorted(os.listdir(tmp_path)) == ['computed_by_0', 'run']
+
+
+def test_image_folder_listing_and_stats_kept_with_the_run(tmp_path, fashion_test):
+  config = _image_folder(tmp_path / 'folder', fashion_test)
+  workdir = str(tmp_path / 'run')
+  data = make_data(config, process_index=0, process_count=1, workdir=workdir)
+  assert sorted(os.listdir(workdir)) == ['image_folder_files.json.gz', 'image_stats.json.gz']
+  # A restart reads the run's list and statistics: a file added since is not trained on,
+  # which a fresh listing (no workdir) would pick up.
+  Image.fromarray(fashion_test[0][0]).save(tmp_path / 'folder' / 'c0' / 'late.png')
+  again = make_data(config, process_index=0, process_count=1, workdir=workdir)
+  fresh = make_data(config, process_index=0, process_count=1)
+  assert again.train_size + again.eval_size == data.train_size + data.eval_size == 8
+  assert fresh.train_size + fresh.eval_size == 9
+  np.testing.assert_array_equal(again._mean, data._mean)  # pylint: disable=protected-access
+  # Another process count's process 1 finds both written and reads the same.
+  other = make_data(config, process_index=1, process_count=2, workdir=workdir)
+  assert other.train_size == data.train_size
+  np.testing.assert_array_equal(other._std, data._std)  # pylint: disable=protected-access
+  # Other data in the same workdir is listed anew, not read from the stale list.
+  config.data.path = str(tmp_path / 'folder' / 'c0')
+  with pytest.raises(DataError, match=r'c0/0\.png: image outside a class subfolder'):
+    make_data(config, process_index=0, process_count=1, workdir=workdir)
 
 
 def test_truncated_jpeg_found_when_read_names_the_file(tmp_path, fashion_test):
@@ -422,9 +494,10 @@ def test_image_folder_errors(tmp_path, fashion_test):
     make_data(_config('image_folder', path=str(tmp_path / 'empty'), num_classes=2),
               process_index=0, process_count=1)
   config = _image_folder(tmp_path / 'sizes', fashion_test)
+  config.data.normalize = False
   Image.new('L', (30, 30)).save(tmp_path / 'sizes' / 'c1' / 'big.png')
   with pytest.raises(DataError, match=r'c1/big\.png: image is 30x30 but .*28x28'):
-    make_data(config, process_index=0, process_count=1)
+    _read_everything(make_data(config, process_index=0, process_count=1), steps=5)
   examples = _folder_examples(fashion_test, classes=(0,), per_class=2)
   _write_pngs(tmp_path / 'flat', [e[0] for e in examples], ['cat.1.png', 'kitten.png'])
   config = _config('image_folder', path=str(tmp_path / 'flat'), num_classes=2,

@@ -8,6 +8,7 @@ import numpy as np
 
 from pipeline.data.errors import DataError
 from pipeline.data.source import choose_splits
+from pipeline.data.source import Run
 from pipeline.data.source import Source
 from pipeline.data.source import split_texts
 from pipeline.data.source import TextSplit
@@ -20,7 +21,8 @@ class CsvText(Source):
   `data.eval_path` the file is split (stratified, seeded) into train/validation/test.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, run: Run):
+    del run  # Reads nothing it would keep.
     super().__init__()
     d = config.data
     self.kind = 'text'

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.data import images
 from pipeline.data.errors import DataError
 from pipeline.data.source import ArraySplit
+from pipeline.data.source import Run
 from pipeline.data.source import Source
 
 FASHION_MNIST_FILES = {
@@ -25,7 +26,8 @@ FASHION_MNIST_LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', '
 class FashionMnist(Source):
   """Fashion-MNIST from the four IDX gzip files; eval is the 10k test split."""
 
-  def __init__(self, config):
+  def __init__(self, config, run: Run):
+    del run  # Reads nothing it would keep.
     super().__init__()
     d = config.data
     self.kind = 'image'

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data import images
+from pipeline.data import run_files
 from pipeline.data import source as source_lib
 from pipeline.data import sources
 from pipeline.data import text
@@ -35,6 +36,7 @@ from pipeline.data.errors import DataError
 
 VOCABULARY_FILE = 'vocabulary.json'
 DATA_INFO_FILE = 'data_info.json'
+STATS_FILE = 'image_stats.json.gz'
 _ORDER_SALT = 0x0DA7A  # Keeps the order stream apart from other uses of config.seed.
 # Pixel statistics of file-backed image sets come from this many training images; the
 # mean and std settle to about 3 digits well before that, and decoding all is slow.
@@ -97,6 +99,7 @@ class TrainIterator(grain.DatasetIterator):
     self._fingerprint = fingerprint
     self._step = step
     self._inner = make(step)
+    self.skipped = 0  # Unreadable files this process stepped over since it was built.
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
@@ -105,6 +108,9 @@ class TrainIterator(grain.DatasetIterator):
       # Re-raised here so the traceback ends in our code, not in a grain reader thread.
       raise DataError(str(e)) from None
     self._step += 1
+    # Counted here, in the main process, because grain worker processes cannot share a
+    # counter with it.
+    self.skipped += int(batch.pop('skipped', 0))
     return batch
 
   @property
@@ -299,11 +305,20 @@ class Data:
     start = step * self._global_batch + self._process_index * size
     positions = np.arange(start, start + size, dtype=np.int64)
     indices = self._order.indices(positions)
-    inputs, labels = self._splits[self.train_split].read(indices)
+    split = self._splits[self.train_split]
+    skipped = 0
+    if getattr(split, 'skip_bad', False):
+      inputs, labels, ok = split.read_skipping(indices, substitute=True)
+      skipped = int(np.sum(~ok))
+    else:
+      inputs, labels = split.read(indices)
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
                               pad=self._crop_pad, flip=self._flip)
-    return {'input': self._finish(inputs), 'label': labels.astype(np.int32), 'index': indices}
+    batch = {'input': self._finish(inputs), 'label': labels.astype(np.int32), 'index': indices}
+    if skipped:
+      batch['skipped'] = np.int64(skipped)  # Taken off by TrainIterator.
+    return batch
 
   def _eval_batch_at(self, split, batch: int) -> dict[str, np.ndarray]:
     size = self._eval_batch // self._process_count
@@ -313,9 +328,14 @@ class Data:
     out = {'input': np.zeros((size, *self.input_shape), self.input_dtype),
            'label': np.zeros(size, np.int32), 'mask': mask}
     if mask.any():
-      inputs, labels = split.read(positions[mask])
+      if getattr(split, 'skip_bad', False):
+        # A file that turns out unreadable is left out of the pass, as if it were padding.
+        inputs, labels, ok = split.read_skipping(positions[mask], substitute=False)
+      else:
+        (inputs, labels), ok = split.read(positions[mask]), True
       out['input'][mask] = self._finish(inputs)
       out['label'][mask] = labels
+      out['mask'][mask] = ok
     return out
 
   def _finish(self, inputs: np.ndarray) -> np.ndarray:
@@ -373,7 +393,7 @@ def make_data(config, *, process_index: int, process_count: int,
     if config[section][name] % process_count:
       raise ValueError(f'config.{key}={config[section][name]} is invalid: must be divisible '
                        f'by the {process_count} processes.')
-  source = sources.make_source(config)
+  source = sources.make_source(config, source_lib.Run(workdir, process_index))
   splits, label_names = dict(source.splits), tuple(source.label_names)
   if d.classes:
     splits, label_names = _select_classes(splits, label_names, tuple(d.classes))
@@ -395,7 +415,7 @@ def make_data(config, *, process_index: int, process_count: int,
       raise DataError(f'{source.origin}: split {name!r} is empty')
   mean = std = None
   if source.kind == 'image' and d.normalize:
-    mean, std = _image_stats(train)
+    mean, std = _image_stats(config, train, workdir, process_index)
   if source.kind == 'image':
     input_shape, input_dtype = train.shape, np.dtype(np.float32)
   elif source.kind == 'text':
@@ -416,12 +436,30 @@ def make_data(config, *, process_index: int, process_count: int,
       _threads=d.prefetch_threads, _workers=d.num_workers)
 
 
-def _image_stats(train) -> tuple[np.ndarray, np.ndarray]:
+def _image_stats(config, train, workdir: str | None,
+                 process_index: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of the train images: of all of them when held in memory,
+  else of a seeded sample, decoded once per run and kept in the workdir (STATS_FILE)."""
   if isinstance(train, source_lib.ArraySplit):
     return images.channel_stats(train.inputs)
-  rng = np.random.default_rng(source_lib.SPLIT_SEED)
-  sample = np.sort(rng.permutation(len(train))[:STATS_SAMPLE])
-  return images.channel_stats(train.read(sample)[0])
+
+  def compute() -> list[list[float]]:
+    rng = np.random.default_rng(source_lib.SPLIT_SEED)
+    sample = np.sort(rng.permutation(len(train))[:STATS_SAMPLE])
+    if getattr(train, 'skip_bad', False):
+      pixels, _, ok = train.read_skipping(sample, substitute=False)
+      pixels = pixels[ok]
+    else:
+      pixels = train.read(sample)[0]
+    return [s.tolist() for s in images.channel_stats(pixels)]
+
+  d = config.data
+  key = {k: d[k] for k in ('name', 'path', 'eval_path', 'tfds_name', 'tfds_data_dir',
+                           'train_split', 'label_pattern', 'classes', 'image_size',
+                           'channels', 'validation_fraction')}
+  mean, std = run_files.shared(workdir, STATS_FILE, {**key, 'train_size': len(train)},
+                               compute, process_index=process_index)
+  return np.array(mean, np.float32), np.array(std, np.float32)
 
 
 def _vectorizer(config, texts: list[str], workdir: str | None,

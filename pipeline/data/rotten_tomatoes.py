@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.data.csv_text import csv_rows
 from pipeline.data.errors import DataError
 from pipeline.data.source import choose_splits
+from pipeline.data.source import Run
 from pipeline.data.source import Source
 from pipeline.data.source import split_texts
 
@@ -25,7 +26,8 @@ class RottenTomatoes(Source):
   seeded by SPLIT_SEED; `data.eval_split` picks validation or test.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, run: Run):
+    del run  # Reads nothing it would keep.
     super().__init__()
     self.kind = 'text'
     self.label_names = ('rotten', 'fresh')

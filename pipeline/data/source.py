@@ -22,6 +22,13 @@ from pipeline.data.errors import DataError
 SPLIT_SEED = 20240917
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Where a source runs: what it may keep in the workdir, and whether it is process 0."""
+  workdir: str | None = None  # None: keep nothing (tests, benchmarks, predict inputs).
+  process_index: int = 0
+
+
 @dataclasses.dataclass
 class ArraySplit:
   """A split held in memory."""

@@ -8,7 +8,7 @@ or file stops the run before training with a message naming it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline.data import csv_text
 from pipeline.data import fashion_mnist
@@ -16,9 +16,10 @@ from pipeline.data import image_folder
 from pipeline.data import rotten_tomatoes
 from pipeline.data import synthetic
 from pipeline.data import tfds_source
+from pipeline.data.source import Run
 from pipeline.data.source import Source
 
-SOURCES: dict[str, Callable[..., Source]] = {
+SOURCES: dict[str, Callable[[Any, Run], Source]] = {
     'fashion_mnist': fashion_mnist.FashionMnist,
     'rotten_tomatoes': rotten_tomatoes.RottenTomatoes,
     'image_folder': image_folder.ImageFolder,
@@ -35,9 +36,9 @@ ROTTEN_TOMATOES_FILE = rotten_tomatoes.ROTTEN_TOMATOES_FILE
 read_idx = fashion_mnist.read_idx
 
 
-def make_source(config) -> Source:
+def make_source(config, run: Run = Run()) -> Source:
   """Builds, reads and checks the source named by `config.data.name`."""
   if config.data.name not in SOURCES:
     raise ValueError(f'config.data.name={config.data.name!r} is invalid: allowed values are '
                      f'{", ".join(SOURCES)}.')
-  return SOURCES[config.data.name](config)
+  return SOURCES[config.data.name](config, run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.source import ArraySplit
+from pipeline.data.source import Run
 from pipeline.data.source import Source
 from pipeline.data.source import SPLIT_SEED
 
@@ -17,7 +18,8 @@ class Synthetic(Source):
   so they are used as they are (no normalization or augmentation).
   """
 
-  def __init__(self, config):
+  def __init__(self, config, run: Run):
+    del run  # Reads nothing it would keep.
     super().__init__()
     d = config.data
     self.kind = 'vector'

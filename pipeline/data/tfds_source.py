@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.data import images
 from pipeline.data.errors import DataError
+from pipeline.data.source import Run
 from pipeline.data.source import Source
 from pipeline.data.source import TextSplit
 
@@ -57,7 +58,8 @@ class Tfds(Source):
   the other text sources). Both need an integer 'label' ClassLabel.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, run: Run):
+    del run  # Reads nothing it would keep.
     super().__init__()
     # Imported here: TFDS costs about half a second to import and only this source needs it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
