@@ -58,3 +58,21 @@ def write_folder(root: str, count: int, *, classes: int = 100, size: tuple[int, 
     image.save(os.path.join(root, f'c{i % classes:03d}', f'{i:07d}.jpg'), quality=quality)
   open(marker, 'w').close()
   return time.perf_counter() - start
+
+
+def main(argv: list[str]) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description='Writes a folder of ImageNet-like JPEGs.')
+  parser.add_argument('root')
+  parser.add_argument('count', type=int)
+  parser.add_argument('--classes', type=int, default=100)
+  parser.add_argument('--size', default='500x375', help='WIDTHxHEIGHT')
+  args = parser.parse_args(argv)
+  width, height = (int(v) for v in args.size.split('x'))
+  seconds = write_folder(args.root, args.count, classes=args.classes, size=(width, height))
+  print(f'{args.root}: {args.count} JPEGs ({"written in %.1f s" % seconds if seconds else "already there"})')
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  main(sys.argv[1:])

@@ -76,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_crop_pad = 0  # Train augmentation: pad by this many pixels, random crop back.
   c.data.random_flip = False  # Train augmentation: random horizontal flip.
   c.data.normalize = True  # Scale to [0,1] then subtract the dataset mean, divide by std.
+  c.data.mean = ()  # normalize: per-channel mean on the [0, 1] scale (() = measure the data).
+  c.data.std = ()  # normalize: per-channel std with data.mean (() = measure the data).
+  # Train: Inception random-resized crop to image_size (image_folder and tfds images).
+  c.data.inception_crop = False
+  c.data.inception_area = (0.08, 1.0)  # inception_crop: range of the crop's share of the area.
+  c.data.inception_aspect = (3 / 4, 4 / 3)  # inception_crop: range of crop width / height.
+  c.data.inception_attempts = 10  # inception_crop: draws before the center-crop fallback.
+  # Eval and predict: central crop, then resize to image_size (False: squash-resize).
+  c.data.eval_center_crop = False
+  c.data.crop_padding = 32  # Center crop side = min(h, w) * image_size / (image_size + this).
   c.data.vocab_size = 20000  # Text: vocabulary size including the pad and OOV ids.
   c.data.max_len = 64  # Text: pad or truncate every sequence to this many tokens.
   c.data.remove_stopwords = False  # Text: drop English stop words before counting tokens.
@@ -93,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64  # ResNet: channels of the first stage (64 for the standard nets).
   c.model.stage_sizes = (1, 1, 1)  # resnet_small: residual blocks per stage.
   c.model.stem = 'small'  # ResNet stem: 'small' (3x3 conv) or 'imagenet' (7x7/2 + max-pool).
+  c.model.zero_init_residual = False  # ResNet: each block's last BatchNorm scale starts at 0.
   c.model.dropout_rate = 0.5  # cnn_bn: dropout before the classifier.
   c.model.hidden_size = 256  # mlp/cnn: width of the dense hidden layer.
   c.model.embed_dim = 128  # lstm: embedding size.
@@ -107,7 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.end_lr_fraction = 0.0  # warmup_cosine: final lr as a fraction of the peak.
   c.optimizer.boundaries = ()  # piecewise: steps at which the lr is multiplied ...
   c.optimizer.scales = ()  # ... by these factors (same length as boundaries).
-  c.optimizer.weight_decay = 0.0  # Decoupled weight decay on kernels (not biases/norm scales).
+  c.optimizer.weight_decay = 0.0  # Weight decay on kernels (not biases/norm scales).
+  # True: L2 added to the gradient before momentum (coupled, the SGD recipes' weight decay);
+  # False: decoupled, added to the update after the optimizer's own steps.
+  c.optimizer.weight_decay_coupled = False
   c.optimizer.momentum = 0.9  # sgd/lars/rmsprop/noisy_sgd momentum (0 = none).
   c.optimizer.nesterov = False  # sgd: Nesterov momentum.
   c.optimizer.b1 = 0.9  # Adam-family first moment decay.
@@ -320,6 +334,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'model.lstm_dense_size', 'profile.server_port', 'watchdog.timeout_s')
   _check_metrics(config)
   _check_dpsgd(config)
+  _check_image_recipe(config)
   if config.data.device_prefetch < 0:
     _fail('data.device_prefetch', config.data.device_prefetch, 'must be >= 0 (0 = no thread)')
   if config.train.num_epochs < 0:
@@ -362,6 +377,32 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       _check_path(config, 'data.eval_path', directory=name == 'image_folder')
   elif name == 'tfds' and not config.data.tfds_name:
     _fail('data.tfds_name', '', 'name the TFDS dataset, e.g. cifar10')
+
+
+def _check_image_recipe(config) -> None:
+  """The crops and fixed statistics of the ImageNet recipe, each checked by name."""
+  d = config.data
+  for key in ('inception_crop', 'eval_center_crop'):
+    if d[key] and (d.name not in ('image_folder', 'tfds') or not d.image_size):
+      _fail(f'data.{key}', True, 'needs images of their own sizes (data.name image_folder '
+            'or tfds) and data.image_size > 0 to resize the crop to')
+  low, high = (tuple(d.inception_area) + (0, 0))[:2]
+  if len(d.inception_area) != 2 or not 0 < low <= high <= 1:
+    _fail('data.inception_area', d.inception_area, 'expected (low, high), 0 < low <= high <= 1')
+  low, high = (tuple(d.inception_aspect) + (0, 0))[:2]
+  if len(d.inception_aspect) != 2 or not 0 < low <= high:
+    _fail('data.inception_aspect', d.inception_aspect, 'expected (low, high), 0 < low <= high')
+  if d.inception_attempts < 1:
+    _fail('data.inception_attempts', d.inception_attempts, 'must be >= 1')
+  if d.crop_padding < 0:
+    _fail('data.crop_padding', d.crop_padding, 'must be >= 0')
+  if bool(d.mean) != bool(d.std):
+    _fail('data.mean' if d.std else 'data.std', (), 'set data.mean and data.std together')
+  for key in ('mean', 'std'):
+    if d[key] and len(d[key]) != d.channels:
+      _fail(f'data.{key}', d[key], f'needs one value per channel (data.channels={d.channels})')
+  if d.std and min(d.std) <= 0:
+    _fail('data.std', d.std, 'every value must be > 0')
 
 
 def _check_metrics(config) -> None:

@@ -334,6 +334,106 @@ def test_augmentation_matches_a_per_example_crop_and_flip():
   assert 10 < flips.sum() < 54
 
 
+# The ImageNet recipe's crops, against TensorFlow's ops.
+
+JPEG_SIZES = ((300, 200), (200, 300), (257, 256), (120, 90), (500, 375), (375, 500))
+
+
+def _write_jpegs(root, fashion_test, sizes=JPEG_SIZES, classes=2):
+  """Colour JPEGs of assorted sizes: three Fashion-MNIST images as the R, G, B planes."""
+  pixels = fashion_test[0]
+  paths = []
+  for i, (width, height) in enumerate(sizes):
+    planes = [Image.fromarray(pixels[3 * i + c]).resize((width, height)) for c in range(3)]
+    path = os.path.join(root, f'c{i % classes}', f'{i:03d}.jpg')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.merge('RGB', planes).save(path, quality=90)
+    paths.append(path)
+  return paths
+
+
+def test_eval_center_crop_matches_tf_image_within_one_gray_level(tmp_path, fashion_test):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # Slow; only here.
+  paths = _write_jpegs(tmp_path / 'test', fashion_test)
+  _write_jpegs(tmp_path / 'train', fashion_test)
+  config = _config('image_folder', path=str(tmp_path / 'train'), eval_path=str(tmp_path / 'test'),
+                   num_classes=2, image_size=64, channels=3, eval_center_crop=True,
+                   crop_padding=32, normalize=False, batch=2, eval_batch=2)
+  data = make_data(config, process_index=0, process_count=1)
+  got = np.concatenate([b['input'][b['mask']] for b in data.eval_batches()])
+  got = np.round(got * 255).astype(np.int32)
+  order = sorted(range(len(paths)), key=lambda i: (i % 2, i))  # c0/ files, then c1/.
+  for row, i in enumerate(order):
+    image = tf.io.decode_jpeg(tf.io.read_file(paths[i]), channels=3,
+                              dct_method='INTEGER_ACCURATE')  # libjpeg's default, as Pillow.
+    height, width = image.shape[:2]
+    side = int(64 / (64 + 32) * min(height, width))
+    crop = tf.image.crop_to_bounding_box(image, (height - side + 1) // 2,
+                                         (width - side + 1) // 2, side, side)
+    expected = tf.image.resize(tf.cast(crop, tf.float32), (64, 64), method='bilinear',
+                               antialias=True)
+    expected = np.clip(np.round(expected.numpy()), 0, 255).astype(np.int32)
+    assert np.abs(got[row] - expected).max() <= 1, (paths[i], np.abs(got[row] - expected).max())
+
+
+@pytest.mark.parametrize('height,width', [(375, 500), (500, 375)])
+def test_inception_crop_area_and_aspect_match_tf_sample_distorted_bounding_box(height, width):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n, area, aspect = 2000, (0.08, 1.0), (3 / 4, 4 / 3)
+  ours, ours_missed = [], 0
+  for key in images.example_keys(3, np.arange(n)):
+    box = images.inception_box(key, height, width, area=area, aspect=aspect, attempts=10)
+    if box is None:
+      ours_missed += 1
+    else:
+      ours.append(box[2:])
+  theirs, theirs_missed = [], 0
+  for i in range(n):
+    _, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        [height, width, 3], bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=[i, 7], min_object_covered=0.0, aspect_ratio_range=aspect, area_range=area,
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == (height, width):  # TF's sign that no attempt fitted.
+      theirs_missed += 1
+    else:
+      theirs.append((h, w))
+  ours, theirs = np.array(ours, float), np.array(theirs, float)
+  # Two-sample Kolmogorov-Smirnov at a 0.1% false-alarm rate: the critical distance is
+  # 1.949 * sqrt((n + m) / (n m)), about 0.062 for 2000 draws each.
+  critical = 1.949 * np.sqrt((len(ours) + len(theirs)) / (len(ours) * len(theirs)))
+  for name, a, b in (('area', ours.prod(1) / (height * width), theirs.prod(1) / (height * width)),
+                     ('aspect', ours[:, 1] / ours[:, 0], theirs[:, 1] / theirs[:, 0])):
+    distance = stats.ks_2samp(a, b).statistic
+    assert distance < critical, (name, distance, critical)
+    assert a.min() >= area[0] * 0.98 if name == 'area' else a.min() >= aspect[0] * 0.98
+  assert abs(ours_missed - theirs_missed) / n < 0.01, (ours_missed, theirs_missed)
+
+
+def test_inception_crop_and_flip_same_for_any_process_count_and_after_resume(tmp_path,
+                                                                             fashion_test):
+  _write_jpegs(tmp_path, fashion_test, sizes=JPEG_SIZES * 3)
+  config = _config('image_folder', path=str(tmp_path), num_classes=2, image_size=32,
+                   channels=3, inception_crop=True, random_flip=True, eval_center_crop=True,
+                   validation_fraction=0.2, batch=4, eval_batch=4)
+  one = _take(make_data(config, process_index=0, process_count=1).train_iter(), 6)
+  halves = [_take(make_data(config, process_index=p, process_count=2).train_iter(), 6)
+            for p in (0, 1)]
+  for step, batch in enumerate(one):
+    np.testing.assert_array_equal(
+        batch['input'], np.concatenate([halves[0][step]['input'], halves[1][step]['input']]))
+  resumed = _take(make_data(config, process_index=0, process_count=1).train_iter(4), 2)
+  assert _same(one[4:], resumed)
+  # An example read again in a later epoch gets another crop.
+  views = {}
+  for batch in one:
+    for index, image in zip(batch['index'], batch['input']):
+      views.setdefault(int(index), []).append(image)
+  again = [v for v in views.values() if len(v) > 1]
+  assert again and all(not np.array_equal(v[0], v[1]) for v in again)
+
+
 # Exact eval.
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Sequence
 
 from absl import logging
 import numpy as np
@@ -44,23 +45,29 @@ class FileSplit:
   def shape(self) -> tuple[int, ...]:
     return (*self.size, self.channels)
 
-  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([self._decode(i) for i in indices]), self.labels[indices]
+  def read(self, indices: np.ndarray,
+           boxes: Sequence[images.BoxFn | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [B, H, W, C] and labels; `boxes[i]` picks example i's crop."""
+    boxes = boxes or [None] * len(indices)
+    return (np.stack([self._decode(i, box) for i, box in zip(indices, boxes)]),
+            self.labels[indices])
 
-  def read_skipping(self, indices: np.ndarray, *,
-                    substitute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def read_skipping(self, indices: np.ndarray, boxes: Sequence[images.BoxFn | None] | None = None,
+                    *, substitute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reads what it can; returns (inputs, labels, ok) with ok False where a file was bad.
 
     Args:
       indices: int [B] examples of this split.
+      boxes: as for `read`; a substitute gets the crop of the slot it fills.
       substitute: fill a bad file's slot with the next readable file of the split
         (training, where a batch must stay full); else the slot is zeros (eval masks it).
     """
+    boxes = boxes or [None] * len(indices)
     inputs = np.zeros((len(indices), *self.shape), np.uint8)
     labels = self.labels[indices].copy()
     ok = np.ones(len(indices), bool)
     for slot, index in enumerate(indices):
-      image = self._try(index)
+      image = self._try(index, boxes[slot])
       if image is None:
         ok[slot] = False
         if substitute:
@@ -68,7 +75,7 @@ class FileSplit:
           # run or another process count reads the same substitute.
           for step in range(1, min(len(self), MAX_SUBSTITUTES + 1)):
             other = (int(index) + step) % len(self)
-            image = self._try(other)
+            image = self._try(other, boxes[slot])
             if image is not None:
               labels[slot] = self.labels[other]
               break
@@ -79,17 +86,17 @@ class FileSplit:
         inputs[slot] = image
     return inputs, labels, ok
 
-  def _try(self, index) -> np.ndarray | None:
+  def _try(self, index, box) -> np.ndarray | None:
     try:
-      return self._decode(index)
+      return self._decode(index, box)
     except DataError as e:
       logging.warning('Skipping bad record: %s', e)
       return None
 
-  def _decode(self, index) -> np.ndarray:
+  def _decode(self, index, box: images.BoxFn | None) -> np.ndarray:
     path = self.paths[index]
     image = images.decode(path, size=self.size if self.resize else None,
-                          channels=self.channels)
+                          channels=self.channels, box=box)
     if image.shape[:2] != tuple(self.size):
       raise DataError(f'{path}: image is {image.shape[0]}x{image.shape[1]} but '
                       f'{self.size_file} is {self.size[0]}x{self.size[1]}; set '

@@ -209,6 +209,7 @@ class Data:
   _process_count: int = dataclasses.field(repr=False)
   _crop_pad: int = dataclasses.field(repr=False)
   _flip: bool = dataclasses.field(repr=False)
+  _crops: images.Crops = dataclasses.field(repr=False)
   _threads: int = dataclasses.field(repr=False)
   _workers: int = dataclasses.field(repr=False)
 
@@ -262,7 +263,8 @@ class Data:
       return self.vectorizer([str(t) for t in raw_inputs])
     if self._kind == 'image':
       h, w, c = self.input_shape
-      decoded = [images.decode(item, size=(h, w), channels=c, name=f'input {i}')
+      decoded = [images.decode(item, size=(h, w), channels=c, name=f'input {i}',
+                               box=self._crops.eval_box())
                  for i, item in enumerate(raw_inputs)]
       return images.normalize(np.stack(decoded), self._mean, self._std)
     inputs = np.asarray(raw_inputs, np.float32)
@@ -305,13 +307,11 @@ class Data:
     start = step * self._global_batch + self._process_index * size
     positions = np.arange(start, start + size, dtype=np.int64)
     indices = self._order.indices(positions)
-    split = self._splits[self.train_split]
-    skipped = 0
-    if getattr(split, 'skip_bad', False):
-      inputs, labels, ok = split.read_skipping(indices, substitute=True)
-      skipped = int(np.sum(~ok))
-    else:
-      inputs, labels = split.read(indices)
+    boxes = None
+    if self._crops.inception:
+      boxes = [self._crops.train_box(key) for key in images.example_keys(self._seed, positions)]
+    inputs, labels, ok = _read(self._splits[self.train_split], indices, boxes, substitute=True)
+    skipped = int(np.sum(~ok))
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
                               pad=self._crop_pad, flip=self._flip)
@@ -328,11 +328,11 @@ class Data:
     out = {'input': np.zeros((size, *self.input_shape), self.input_dtype),
            'label': np.zeros(size, np.int32), 'mask': mask}
     if mask.any():
-      if getattr(split, 'skip_bad', False):
-        # A file that turns out unreadable is left out of the pass, as if it were padding.
-        inputs, labels, ok = split.read_skipping(positions[mask], substitute=False)
-      else:
-        (inputs, labels), ok = split.read(positions[mask]), True
+      box = self._crops.eval_box()
+      # A file that turns out unreadable (on_bad_record=skip) is left out of the pass, as
+      # if it were padding.
+      inputs, labels, ok = _read(split, positions[mask], box and [box] * int(mask.sum()),
+                                 substitute=False)
       out['input'][mask] = self._finish(inputs)
       out['label'][mask] = labels
       out['mask'][mask] = ok
@@ -342,6 +342,15 @@ class Data:
     if self._kind == 'image':
       return images.normalize(inputs, self._mean, self._std)
     return inputs.astype(self.input_dtype, copy=False)
+
+
+def _read(split, indices: np.ndarray, boxes, *,
+          substitute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, labels, ok) of `indices`; ok is False only where on_bad_record=skip skipped."""
+  if getattr(split, 'skip_bad', False):
+    return split.read_skipping(indices, boxes, substitute=substitute)
+  inputs, labels = split.read(indices, boxes) if boxes else split.read(indices)
+  return inputs, labels, np.ones(len(indices), bool)
 
 
 def _select_classes(splits: dict[str, Any], label_names: tuple[str, ...],
@@ -414,7 +423,9 @@ def make_data(config, *, process_index: int, process_count: int,
     if not len(split):
       raise DataError(f'{source.origin}: split {name!r} is empty')
   mean = std = None
-  if source.kind == 'image' and d.normalize:
+  if source.kind == 'image' and d.normalize and d.mean:
+    mean, std = np.array(d.mean, np.float32), np.array(d.std, np.float32)
+  elif source.kind == 'image' and d.normalize:
     mean, std = _image_stats(config, train, workdir, process_index)
   if source.kind == 'image':
     input_shape, input_dtype = train.shape, np.dtype(np.float32)
@@ -433,6 +444,9 @@ def make_data(config, *, process_index: int, process_count: int,
       _seed=config.seed, _global_batch=config.train.global_batch_size,
       _eval_batch=config.eval.batch_size, _process_index=process_index,
       _process_count=process_count, _crop_pad=d.random_crop_pad, _flip=d.random_flip,
+      _crops=images.Crops(d.image_size, d.inception_crop, tuple(d.inception_area),
+                          tuple(d.inception_aspect), d.inception_attempts,
+                          d.eval_center_crop, d.crop_padding),
       _threads=d.prefetch_threads, _workers=d.num_workers)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,7 +35,9 @@ class TfdsSplit:
   def shape(self) -> tuple[int, ...]:
     return (*self.size, self.channels)
 
-  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def read(self, indices: np.ndarray,
+           boxes: Sequence[images.BoxFn | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [B, H, W, C] and labels; `boxes[i]` picks example i's crop."""
     # Record by record: `__getitems__` is not served by tfds.testing.mock_data.
     records = [self.source[int(i)] for i in indices]
     labels = np.array([r['label'] for r in records], np.int32)
@@ -43,9 +45,11 @@ class TfdsSplit:
       bad = int(np.flatnonzero((labels < 0) | (labels >= self.num_classes))[0])
       raise DataError(f'{self.where}, record {indices[bad]}: label {labels[bad]} is outside '
                       f'0..{self.num_classes - 1}')
-    if self.resize:
-      batch = [images.decode(r['image'], size=self.size, channels=self.channels)
-               for r in records]
+    if self.resize or boxes:
+      boxes = boxes or [None] * len(records)
+      batch = [images.decode(r['image'], size=self.size, channels=self.channels, box=box,
+                             name=f'{self.where}, record {i}')
+               for r, box, i in zip(records, boxes, indices)]
     else:
       batch = [r['image'] for r in records]
     return np.stack(batch), labels
