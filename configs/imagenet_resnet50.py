@@ -64,7 +64,6 @@ def get_config(variant: str | None = None):
   config.train.eval_every_steps = 3120
   config.checkpoint.every_steps = 1000
   config.eval.batch_size = 4096
-  config.data.num_workers = 16
   if variant == 'smoke':
     config.data.name = 'image_folder'
     config.data.path = SMOKE_JPEGS

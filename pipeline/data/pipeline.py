@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -110,7 +111,7 @@ class TrainIterator(grain.DatasetIterator):
     self._step += 1
     # Counted here, in the main process, because grain worker processes cannot share a
     # counter with it.
-    self.skipped += int(batch.pop('skipped', 0))
+    self.skipped += int(np.sum(batch.pop('skipped', 0)))
     return batch
 
   @property
@@ -288,15 +289,34 @@ class Data:
             'std': None if self._std is None else self._std.tolist()}
     storage.write_text(storage.join(directory, DATA_INFO_FILE), json.dumps(info, indent=2))
 
-  def _read_options(self) -> grain.ReadOptions:
-    # Each element is a whole batch, so two per thread keep the threads busy without
-    # holding many batches in memory.
+  @property
+  def _per_example(self) -> bool:
+    # Images decoded from files or records: the decode dominates, so each example is one
+    # grain element (spread over the read threads), batched after. In-memory arrays are
+    # cheaper to crop and flip a whole batch at a time with numpy.
+    return not isinstance(self._splits[self.train_split], source_lib.ArraySplit)
+
+  def _read_options(self, elements_per_batch: int = 1) -> grain.ReadOptions:
+    # Two batches in flight per thread keep the threads busy without holding many batches
+    # in memory.
     return grain.ReadOptions(num_threads=self._threads,
-                             prefetch_buffer_size=2 * self._threads)
+                             prefetch_buffer_size=2 * self._threads * elements_per_batch)
 
   def _train_stream(self, step: int) -> grain.DatasetIterator:
-    dataset = grain.MapDataset.range(step, sys.maxsize).map(self._train_batch)
-    iter_dataset = dataset.to_iter_dataset(self._read_options())
+    if self._per_example:
+      size = self.per_process_batch_size
+      # Element k is example k % size of this process's batch k // size, so batch i of
+      # this dataset is step `step + i`.
+      dataset = grain.MapDataset.range(step * size, sys.maxsize).map(self._train_example)
+      if self._workers:
+        # mp_prefetch deals the elements to its workers round-robin and each batches its
+        # own share, so there a batch must be one element (its examples read in turn).
+        iter_dataset = dataset.batch(size).to_iter_dataset(self._read_options())
+      else:
+        iter_dataset = dataset.to_iter_dataset(self._read_options(size)).batch(size)
+    else:
+      dataset = grain.MapDataset.range(step, sys.maxsize).map(self._train_batch)
+      iter_dataset = dataset.to_iter_dataset(self._read_options())
     if self._workers:
       iter_dataset = iter_dataset.mp_prefetch(
           grain.MultiprocessingOptions(num_workers=self._workers))
@@ -305,20 +325,27 @@ class Data:
   def _train_batch(self, step: int) -> dict[str, np.ndarray]:
     size = self.per_process_batch_size
     start = step * self._global_batch + self._process_index * size
-    positions = np.arange(start, start + size, dtype=np.int64)
+    return self._train_examples(np.arange(start, start + size, dtype=np.int64))
+
+  def _train_example(self, k: int) -> dict[str, np.ndarray]:
+    step, slot = divmod(k, self.per_process_batch_size)
+    position = step * self._global_batch + self._process_index * self.per_process_batch_size
+    example = self._train_examples(np.array([position + slot], np.int64))
+    return {key: value[0] for key, value in example.items()}
+
+  def _train_examples(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The train examples at these global stream positions, each a function of (seed,
+    position) alone, so a batch is the same read whole or one example at a time."""
     indices = self._order.indices(positions)
     boxes = None
     if self._crops.inception:
       boxes = [self._crops.train_box(key) for key in images.example_keys(self._seed, positions)]
     inputs, labels, ok = _read(self._splits[self.train_split], indices, boxes, substitute=True)
-    skipped = int(np.sum(~ok))
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
                               pad=self._crop_pad, flip=self._flip)
-    batch = {'input': self._finish(inputs), 'label': labels.astype(np.int32), 'index': indices}
-    if skipped:
-      batch['skipped'] = np.int64(skipped)  # Taken off by TrainIterator.
-    return batch
+    return {'input': self._finish(inputs), 'label': labels.astype(np.int32), 'index': indices,
+            'skipped': (~ok).astype(np.int32)}  # Taken off by TrainIterator.
 
   def _eval_batch_at(self, split, batch: int) -> dict[str, np.ndarray]:
     size = self._eval_batch // self._process_count
@@ -447,7 +474,23 @@ def make_data(config, *, process_index: int, process_count: int,
       _crops=images.Crops(d.image_size, d.inception_crop, tuple(d.inception_area),
                           tuple(d.inception_aspect), d.inception_attempts,
                           d.eval_center_crop, d.crop_padding),
-      _threads=d.prefetch_threads, _workers=d.num_workers)
+      _threads=d.prefetch_threads, _workers=default_workers(train, os.cpu_count() or 1)
+      if d.num_workers < 0 else d.num_workers)
+
+
+def default_workers(train, cores: int) -> int:
+  """data.num_workers=-1: worker processes for this train split on a host of `cores`.
+
+  In-memory splits need none (a batch is a numpy gather). Decoded images do: their read
+  threads share one interpreter lock, and two of them kept 0.7 of a core busy on the
+  2-core development host (bench/input.py --imagenet); there too, worker processes were no
+  faster than threads, since each core was already taken. So: none below 8 cores, else
+  half the cores, leaving the rest to the training loop and XLA's host threads (a rule of
+  thumb, not measured on a large host).
+  """
+  if isinstance(train, source_lib.ArraySplit) or cores < 8:
+    return 0
+  return min(cores // 2, 32)
 
 
 def _image_stats(config, train, workdir: str | None,

@@ -25,7 +25,6 @@ class TfdsSplit:
   num_classes: int
   size: tuple[int, int]
   channels: int
-  resize: bool  # False when the stored images already have `size` and `channels`.
   where: str  # Dataset and split, for errors.
 
   def __len__(self) -> int:
@@ -45,14 +44,17 @@ class TfdsSplit:
       bad = int(np.flatnonzero((labels < 0) | (labels >= self.num_classes))[0])
       raise DataError(f'{self.where}, record {indices[bad]}: label {labels[bad]} is outside '
                       f'0..{self.num_classes - 1}')
-    if self.resize or boxes:
-      boxes = boxes or [None] * len(records)
-      batch = [images.decode(r['image'], size=self.size, channels=self.channels, box=box,
-                             name=f'{self.where}, record {i}')
-               for r, box, i in zip(records, boxes, indices)]
-    else:
-      batch = [r['image'] for r in records]
+    boxes = boxes or [None] * len(records)
+    # The records hold the encoded image (see Tfds): decoded here, cropped first.
+    batch = [images.decode(_encoded(r['image']), size=self.size, channels=self.channels,
+                           box=box, name=f'{self.where}, record {i}')
+             for r, box, i in zip(records, boxes, indices)]
     return np.stack(batch), labels
+
+
+def _encoded(value) -> bytes:
+  # SkipDecoding hands over bytes, or a 0-d object array of them.
+  return value.item() if isinstance(value, np.ndarray) else value
 
 
 class Tfds(Source):
@@ -89,7 +91,11 @@ class Tfds(Source):
     self.splits = {}
     for split in dict.fromkeys((d.train_split, d.eval_split)):
       try:
-        source = tfds.data_source(d.tfds_name, split=split, data_dir=data_dir)
+        # Images are read as their encoded bytes and decoded here, with the crop, rather
+        # than decoded whole by TFDS first.
+        decoders = {'image': tfds.decode.SkipDecoding()} if self.kind == 'image' else None
+        source = tfds.data_source(d.tfds_name, split=split, data_dir=data_dir,
+                                  decoders=decoders)
       except Exception as e:  # pylint: disable=broad-except
         raise DataError(f'{where}, split {split!r}: cannot open ({type(e).__name__}: '
                         f'{e})') from None
@@ -114,8 +120,7 @@ class Tfds(Source):
       raise DataError(f'{where}: images vary in size {stored}; set data.image_size')
     else:
       size = stored[:2]
-    resize = size != stored[:2] or stored[2] != d.channels
-    return TfdsSplit(source, len(self.label_names), size, d.channels, resize, where)
+    return TfdsSplit(source, len(self.label_names), size, d.channels, where)
 
 
 def _as_str(value) -> str:
