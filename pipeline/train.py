@@ -92,7 +92,9 @@ class Trainer:
     tx, self.learning_rate_fn = optim.make_optimizer(config, self.schedule_steps)
     self.parallel = sharding.make_parallel(config)
     self.model = models.make_model(config, axis_name=self.parallel.axis_name)
-    self.init_fn = functools.partial(steps.init_state, self.model, tx, self.data.input_shape,
+    # Decoded images arrive as uint8: the state's apply_fn normalizes them on the device.
+    self.init_fn = functools.partial(steps.init_state, self.data.on_device(self.model), tx,
+                                     self.data.input_shape,
                                      self.data.input_dtype, config.seed)
     self.abstract_state = self.parallel.abstract_state(self.init_fn)
     num_classes = config.data.num_classes

@@ -17,6 +17,8 @@ import time
 
 from absl import flags
 from etils import epath
+import flax.linen as nn
+import jax
 import grain
 import numpy as np
 from PIL import Image
@@ -130,7 +132,8 @@ def test_tfds_image_and_text_under_mock_data():
     data = make_data(_config('tfds', tfds_name='mnist', batch=16, eval_batch=24),
                      process_index=0, process_count=1)
     batch = next(data.train_iter())
-    assert batch['input'].shape == (16, 28, 28, 1) and batch['input'].dtype == np.float32
+    # Decoded images go to the devices as uint8 (normalized there: Data.on_device).
+    assert batch['input'].shape == (16, 28, 28, 1) and batch['input'].dtype == np.uint8
     assert batch['label'].max() < 10
     assert [int(b['mask'].sum()) for b in data.eval_batches()] == [24, 16]
     text = make_data(_config('tfds', tfds_name='imdb_reviews', num_classes=2, batch=16,
@@ -150,7 +153,7 @@ def test_tfds_images_read_undecoded_give_tfds_own_pixels():
     got = np.concatenate([b['input'][b['mask']] for b in data.eval_batches()])
     records = tfds.data_source('mnist', split='test')
     expected = np.stack([records[i]['image'] for i in range(len(records))])
-  np.testing.assert_array_equal(np.round(got * 255).astype(np.uint8), expected)
+  np.testing.assert_array_equal(got, expected)
 
 
 # Image folders written from real Fashion-MNIST images.
@@ -187,7 +190,7 @@ def test_image_folder_class_subfolders_read_exact_pixels(tmp_path, fashion_test)
   got_labels = np.concatenate([b['label'][b['mask']] for b in batches])
   # Sorted file order: pullover/, trouser/, tshirt/ (ids 2, 1, 0 by label_names).
   expected = sorted(test, key=lambda e: (names[e[1]], e[2]))
-  np.testing.assert_array_equal(np.round(got[..., 0] * 255), [e[0] for e in expected])
+  np.testing.assert_array_equal(got[..., 0], [e[0] for e in expected])
   np.testing.assert_array_equal(got_labels, [e[1] for e in expected])
   # Without eval_path a seeded stratified validation split is held out.
   config.data.eval_path = ''
@@ -208,13 +211,24 @@ def test_image_folder_label_pattern_resize_and_rgb(tmp_path, fashion_test):
   assert data.label_names == ('pullover', 'trouser', 'tshirt')  # Sorted when not given.
   assert data.input_shape == (16, 16, 3) and data.train_size + data.eval_size == 36
   batch = next(data.train_iter())
-  assert batch['input'].shape == (12, 16, 16, 3) and batch['input'].dtype == np.float32
+  assert batch['input'].shape == (12, 16, 16, 3) and batch['input'].dtype == np.uint8
   assert set(np.unique(batch['label'])) <= {0, 1, 2}
-  # Predict mode decodes, resizes and normalizes as eval does.
+  # Predict mode decodes, resizes and normalizes (on the host) as eval does.
   paths = [str(tmp_path / f'{names[c]}.{n}.png') for _, c, n in examples[:3]]
   predicted = data.preprocess(paths)
-  assert predicted.shape == (3, 16, 16, 3)
+  assert predicted.shape == (3, 16, 16, 3) and predicted.dtype == np.float32
   np.testing.assert_allclose(predicted, data.preprocess([e[0] for e in examples[:3]]))
+  # The devices normalize the uint8 batches to what the host gives predict mode.
+
+  class Inputs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x
+
+  model = data.on_device(Inputs())
+  on_device = np.asarray(jax.jit(model.apply)({}, batch['input']))
+  np.testing.assert_allclose(on_device, data.preprocess(list(batch['input'])), atol=1e-5)
+  np.testing.assert_array_equal(model.apply({}, predicted), predicted)  # Floats pass.
 
 
 # CSV text written from real Rotten Tomatoes reviews.
@@ -376,7 +390,7 @@ def test_eval_center_crop_matches_tf_image_within_one_gray_level(tmp_path, fashi
                    crop_padding=32, normalize=False, batch=2, eval_batch=2)
   data = make_data(config, process_index=0, process_count=1)
   got = np.concatenate([b['input'][b['mask']] for b in data.eval_batches()])
-  got = np.round(got * 255).astype(np.int32)
+  got = got.astype(np.int32)
   order = sorted(range(len(paths)), key=lambda i: (i % 2, i))  # c0/ files, then c1/.
   for row, i in enumerate(order):
     image = tf.io.decode_jpeg(tf.io.read_file(paths[i]), channels=3,

@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data import images
+from pipeline.data import on_device
 from pipeline.data import run_files
 from pipeline.data import source as source_lib
 from pipeline.data import sources
@@ -166,11 +167,12 @@ class BatchPass:
 class Data:
   """A dataset ready to batch for one process; build it with `make_data`.
 
-  Batches are dicts of numpy arrays: 'input' [B, ...] (float32 NHWC images, int32 token
-  ids with 0 = pad, or float32 vectors), 'label' int32 [B], for train 'index' int64 [B]
-  (each example's index in the train split, checked and recorded by `pipeline.ledger` and
-  not for the devices), and for eval 'mask' bool [B] (False on padding). B is the global
-  batch divided by the process count.
+  Batches are dicts of numpy arrays: 'input' [B, ...] (NHWC images: float32 and normalized
+  when held in memory, uint8 when decoded from files or records, normalized on the device
+  by the model `on_device` returns; int32 token ids with 0 = pad; or float32 vectors),
+  'label' int32 [B], for train 'index' int64 [B] (each example's index in the train split,
+  checked and recorded by `pipeline.ledger` and not for the devices), and for eval 'mask'
+  bool [B] (False on padding). B is the global batch divided by the process count.
 
   Attributes:
     train_size: examples in the train split (N).
@@ -289,6 +291,17 @@ class Data:
             'std': None if self._std is None else self._std.tolist()}
     storage.write_text(storage.join(directory, DATA_INFO_FILE), json.dumps(info, indent=2))
 
+  def on_device(self, model: Any) -> Any:
+    """`model` as the steps must call it: with the normalization that uint8 image inputs
+    (decoded-image sources, `input_dtype` uint8) get on the device."""
+    if self.input_dtype != np.uint8:
+      return model
+    if self._mean is None:
+      scale, offset = np.full(self.input_shape[-1], 1 / 255, np.float32), 0.0
+    else:
+      scale, offset = 1.0 / (255.0 * self._std), -self._mean / self._std
+    return on_device.NormalizedInput(model, scale, offset)
+
   @property
   def _per_example(self) -> bool:
     # Images decoded from files or records: the decode dominates, so each example is one
@@ -366,6 +379,8 @@ class Data:
     return out
 
   def _finish(self, inputs: np.ndarray) -> np.ndarray:
+    if self.input_dtype == np.uint8:
+      return inputs  # Normalized on the device (see on_device).
     if self._kind == 'image':
       return images.normalize(inputs, self._mean, self._std)
     return inputs.astype(self.input_dtype, copy=False)
@@ -455,7 +470,10 @@ def make_data(config, *, process_index: int, process_count: int,
   elif source.kind == 'image' and d.normalize:
     mean, std = _image_stats(config, train, workdir, process_index)
   if source.kind == 'image':
-    input_shape, input_dtype = train.shape, np.dtype(np.float32)
+    # Decoded images stay uint8 to the devices; in-memory ones (Fashion-MNIST) are
+    # normalized here, as their golden figures were measured.
+    decoded = not isinstance(train, source_lib.ArraySplit)
+    input_shape, input_dtype = train.shape, np.dtype(np.uint8 if decoded else np.float32)
   elif source.kind == 'text':
     input_shape, input_dtype = (d.max_len,), np.dtype(np.int32)
   else:
