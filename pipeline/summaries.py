@@ -87,7 +87,7 @@ def final_metrics(config) -> tuple[str, ...]:
 
 def hparams_session(config, *, finished: bool) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
   """The HParams dashboard's summaries for this run: (values, metadata) for
-  `MetricWriter.write_summaries` at step 0.
+  `reporting.write_session`.
 
   The experiment declares the metrics. Left to infer them, TensorBoard pointed at the
   workdir itself names the run '.' and the metrics' group '.', looks their values up
@@ -105,8 +105,9 @@ def hparams_session(config, *, finished: bool) -> tuple[dict[str, np.ndarray], d
   Args:
     config: the run's config.
     finished: the run trained to its end (or stopped early) rather than being stopped;
-      only then is the session's end (status success) written, as an interrupted
-      attempt is resumed in the same run directory and TensorBoard keeps one status.
+      only then is the session's end (status success) written. An interrupted attempt's
+      session has none (TensorBoard shows its status as unknown) until the resumed run
+      finishes.
 
   Returns:
     The summary values (empty tensors: the content is all metadata) and their
@@ -129,6 +130,8 @@ def hparams_session(config, *, finished: bool) -> tuple[dict[str, np.ndarray], d
       hparam_infos=infos, time_created_secs=now,
       metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(group='', tag=tag))
                     for tag in final_metrics(config)])
+  # No group name: TensorBoard groups (and averages) sessions by it; each workdir is a
+  # run of its own, even where two share a config.
   start = plugin_data_pb2.SessionStartInfo(start_time_secs=now)
   for name, value in values.items():
     if isinstance(value, bool):

@@ -1,6 +1,7 @@
 """What a person sees in TensorBoard: a real `tensorboard` server over the workdirs of real
 runs, queried through the HParams plugin's HTTP API with the requests its dashboard sends."""
 
+import glob
 import json
 import os
 import socket
@@ -149,10 +150,12 @@ def test_hparams_table_shows_the_final_eval_metrics(run, tensorboard):
   experiment, groups = tensorboard(run).session_groups(1)
   assert {m['name']['tag'] for m in experiment['metricInfos']} == {'eval/loss', 'eval/accuracy'}
   assert {h['name'] for h in experiment['hparamInfos']} >= {'train.num_steps', 'data.name'}
-  # Both attempts wrote their session: still one row.
+  # Both attempts wrote their session: one row, with the config the run finished with.
   assert len(groups) == 1 and len(groups[0]['sessions']) == 1, groups
   _assert_final_metrics(groups[0], run)
   assert groups[0]['hparams']['data.name'] == 'synthetic'
+  assert groups[0]['hparams']['train.num_steps'] == 8
+  assert len(glob.glob(os.path.join(run, f'*{reporting.SESSION_EVENTS_SUFFIX}'))) == 1
 
 
 def test_hparams_table_over_a_logdir_of_workdirs(run, tensorboard):
