@@ -85,7 +85,8 @@ def final_metrics(config) -> tuple[str, ...]:
   return names
 
 
-def hparams_session(config, *, finished: bool) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+def hparams_session(config, workdir: str, *,
+                    finished: bool) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
   """The HParams dashboard's summaries for this run: (values, metadata) for
   `reporting.write_session`.
 
@@ -104,6 +105,7 @@ def hparams_session(config, *, finished: bool) -> tuple[dict[str, np.ndarray], d
 
   Args:
     config: the run's config.
+    workdir: the run's workdir, its name in the table ('Trial ID').
     finished: the run trained to its end (or stopped early) rather than being stopped;
       only then is the session's end (status success) written. An interrupted attempt's
       session has none (TensorBoard shows its status as unknown) until the resumed run
@@ -130,9 +132,10 @@ def hparams_session(config, *, finished: bool) -> tuple[dict[str, np.ndarray], d
       hparam_infos=infos, time_created_secs=now,
       metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(group='', tag=tag))
                     for tag in final_metrics(config)])
-  # No group name: TensorBoard groups (and averages) sessions by it; each workdir is a
-  # run of its own, even where two share a config.
-  start = plugin_data_pb2.SessionStartInfo(start_time_secs=now)
+  # TensorBoard groups (and averages) sessions by group name and shows it as the trial
+  # ID: the workdir, as each is a run of its own, even where two share a config. (Its
+  # default, the session's run, is '.' for a logdir that is the workdir.)
+  start = plugin_data_pb2.SessionStartInfo(group_name=workdir, start_time_secs=now)
   for name, value in values.items():
     if isinstance(value, bool):
       start.hparams[name].bool_value = value

@@ -153,6 +153,7 @@ def test_hparams_table_shows_the_final_eval_metrics(run, tensorboard):
   # Both attempts wrote their session: one row, with the config the run finished with.
   assert len(groups) == 1 and len(groups[0]['sessions']) == 1, groups
   _assert_final_metrics(groups[0], run)
+  assert groups[0]['name'] == run  # The table's trial ID.
   assert groups[0]['hparams']['data.name'] == 'synthetic'
   assert groups[0]['hparams']['train.num_steps'] == 8
   assert len(glob.glob(os.path.join(run, f'*{reporting.SESSION_EVENTS_SUFFIX}'))) == 1
