@@ -1,4 +1,5 @@
-"""Metric writers: CLU's (TensorBoard event files + log lines) and a metrics.jsonl file.
+"""Metric writers: CLU's (TensorBoard event files + log lines) and a metrics.jsonl file;
+the HParams dashboard's session file.
 
 Only the lead process writes files; the others log, so a multi-host run has one set of
 event files and one metrics.jsonl.
@@ -127,7 +128,7 @@ def write_session(workdir: str, values: Mapping[str, np.ndarray],
     for tag, value in values.items():
       tf.summary.write(tag, value, step=0, metadata=metadata[tag])
   writer.close()
-  for path in earlier:  # After the new file is complete: a crash leaves one or the other.
+  for path in earlier:  # Only once the new file is complete: a crash never leaves none.
     tf.io.gfile.remove(path)
 
 
