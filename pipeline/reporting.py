@@ -1,4 +1,5 @@
-"""Metric writers: CLU's (TensorBoard event files + log lines) and a metrics.jsonl file.
+"""Metric writers: CLU's (TensorBoard event files + log lines) and a metrics.jsonl file;
+the HParams dashboard's session file.
 
 Only the lead process writes files; the others log, so a multi-host run has one set of
 event files and one metrics.jsonl.
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 
 from clu import metric_writers
 import numpy as np
+import tensorflow as tf
 
 from pipeline import storage
 
@@ -102,6 +104,32 @@ def make_writer(workdir: str, *, lead: bool) -> metric_writers.MetricWriter:
       metric_writers.create_default_writer(workdir),  # TensorFlow's writer: gs:// too.
       JsonlWriter(storage.join(workdir, METRICS_FILE)),
   ])
+
+
+# The HParams dashboard's summaries have an event file of their own (see write_session).
+SESSION_EVENTS_SUFFIX = '.hparams'
+
+
+def write_session(workdir: str, values: Mapping[str, np.ndarray],
+                  metadata: Mapping[str, bytes]) -> None:
+  """Writes the HParams dashboard's summaries (`summaries.hparams_session`) to an event
+  file of their own in `workdir`, then deletes an earlier attempt's.
+
+  TensorBoard keeps the first metadata it reads for a tag of a run, and these summaries
+  are all metadata: written beside the earlier ones, a resumed run would show the
+  config, metrics and status its first attempt ended with. One file, the latest, holds
+  them. TensorFlow's file system writes and deletes it, gs:// included, as it does the
+  scalars' event files.
+  """
+  pattern = storage.join(workdir, f'events.out.tfevents.*{SESSION_EVENTS_SUFFIX}')
+  earlier = tf.io.gfile.glob(pattern)
+  writer = tf.summary.create_file_writer(workdir, filename_suffix=SESSION_EVENTS_SUFFIX)
+  with writer.as_default():
+    for tag, value in values.items():
+      tf.summary.write(tag, value, step=0, metadata=metadata[tag])
+  writer.close()
+  for path in earlier:  # Only once the new file is complete: a crash never leaves none.
+    tf.io.gfile.remove(path)
 
 
 def has_jsonl(workdir: str) -> bool:

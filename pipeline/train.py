@@ -425,7 +425,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
   if config.eval.final_split and (not stopping or early.stopped):
     _evaluate_final_split(trainer, ckpt, writer)
   if lead:
-    writer.write_hparams(summaries.hparams(config))
+    reporting.write_session(workdir, *summaries.hparams_session(
+        config, workdir, finished=not stopping or early.stopped))
     writer.flush()
     plots.plot_learning_curves(workdir)
   ckpt.close()

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
 from configs import fashion_mnist_cnn
@@ -35,6 +36,7 @@ from pipeline import predict
 from pipeline import config as config_lib
 from pipeline import reporting
 from pipeline import storage
+from pipeline import summaries
 from pipeline.data import images as images_lib
 from pipeline.data import sources
 from pipeline.data import text
@@ -290,3 +292,21 @@ def test_predict_reads_image_inputs_from_a_bucket(gcs_env, tmp_path):
         images_lib.decode(path, size=None, channels=1)[..., 0], pixels[i])
   with pytest.raises(ValueError, match='gs://.*/missing.png.*no such file'):
     predict.check_input(f'{folder}/missing.png')
+
+
+def test_hparams_session_is_one_object_replaced_by_each_attempt(gcs_env):
+  workdir = f'gs://{BUCKET}/hparams'
+  config = fashion_mnist_cnn.get_config('smoke')
+  for num_steps in (4, 8):  # Two attempts of one run, as a resume writes them.
+    config.train.num_steps = num_steps
+    reporting.write_session(workdir, *summaries.hparams_session(config, workdir, finished=True))
+  names = [b.name for b in gcs.Client().list_blobs(BUCKET, prefix='hparams/')]
+  # Besides the placeholder 'hparams/' that TensorFlow's writer makes, as for the scalars.
+  events = [n for n in names if 'tfevents' in n]
+  assert len(events) == 1 and events[0].endswith(reporting.SESSION_EVENTS_SUFFIX), names
+  accumulator = event_accumulator.EventAccumulator(workdir)
+  accumulator.Reload()
+  start = hparams_metadata.parse_session_start_info_plugin_data(
+      accumulator.SummaryMetadata(hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content)
+  assert start.hparams['train.num_steps'].number_value == 8
+  assert start.group_name == workdir
