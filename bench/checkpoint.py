@@ -49,7 +49,7 @@ class Stepper:
   def __init__(self, trainer):
     import jax
     self._jax = jax
-    self._step_fn = trainer.train_step
+    self._step_fn = trainer.train_fn
     self.state = trainer.parallel.init_state(trainer.init_fn)
     self.batch = trainer.parallel.shard_batch(next(trainer.data.train_iter(0)))
     self.pending = None

@@ -6,7 +6,7 @@
 Starts from configs/imagenet_resnet50.py:smoke (synthetic data) and sets it back to the
 real network: 224x224x3 inputs, width 64, bfloat16 compute, 1000 classes, `--batch`
 global batch. Measures, interleaved as in bench/throughput.py:
-  bare   `Trainer.train_step` on one device-resident batch (at most two steps in flight);
+  bare   `Trainer.train_fn` on one device-resident batch (at most two steps in flight);
   ours   `train.train_and_evaluate`: the loop's own perf/examples_per_sec per log window;
   flax   (with --flax-loop) the Flax ImageNet example's pmap loop with prefetch_to_device.
 MFU = FLOPs per step (XLA cost analysis of the compiled step) x steps/s / the device's
@@ -112,7 +112,7 @@ def main(argv):
   start = time.perf_counter()
   trainer = train.Trainer(config, os.path.join(root, 'bare'))
   bare = BareLoop(trainer)
-  flops = harness.compiled_flops(trainer.train_step, bare.state, bare.batch)
+  flops = harness.compiled_flops(trainer.train_fn, bare.state, bare.batch)
   for _ in range(2):
     bare.step()
   bare.drain()

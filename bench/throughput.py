@@ -13,7 +13,7 @@ Five loops on the same model, devices, global batch and data, in examples/s:
                logging; the figure is the loop's own perf/examples_per_sec per log window
                (the value written to WORKDIR/metrics.jsonl). The first window holds the
                compile and is dropped; eval and checkpoints are pushed past the end.
-  (b) bare     `Trainer.train_step` on one device-resident batch, blocking on the previous
+  (b) bare     `Trainer.train_fn` on one device-resident batch, blocking on the previous
                step's metrics (the compute ceiling of the compiled step).
   (c) flax     the Flax ImageNet example's loop: a `jax.pmap` step with `lax.pmean`,
                host numpy batches reshaped to [devices, B/devices, ...] and put on the
@@ -113,7 +113,7 @@ class BareLoop(ResidentLoop):
   """(b) The compiled step of `Trainer` on one batch already on the devices."""
 
   def __init__(self, trainer):
-    super().__init__(trainer.train_step, trainer.parallel.init_state(trainer.init_fn),
+    super().__init__(trainer.train_fn, trainer.parallel.init_state(trainer.init_fn),
                      trainer.parallel.shard_batch(next(trainer.data.train_iter(0))))
 
 
@@ -182,7 +182,7 @@ def measure(args) -> dict:
         flush=True)
   trainer = train.Trainer(config, os.path.join(root, 'bare'))
   bare = BareLoop(trainer)
-  flops = harness.compiled_flops(trainer.train_step, bare.state, bare.batch)
+  flops = harness.compiled_flops(trainer.train_fn, bare.state, bare.batch)
   loops = {'b': bare}
   if 'c' in args.variants or 'p' in args.variants:
     loops['c'] = PmapLoop(config, trainer, whole_batch=False)

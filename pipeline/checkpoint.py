@@ -32,6 +32,7 @@ from pipeline import storage
 # allow_config_change: durations, cadences, logging, and the topology (elastic resume).
 RESUMABLE_KEYS = (
     'train.num_steps', 'train.num_epochs', 'train.log_every_steps', 'train.eval_every_steps',
+    'train.steps_per_call',
     'checkpoint.every_steps', 'checkpoint.max_to_keep', 'checkpoint.async_save',
     'checkpoint.device_snapshot', 'checkpoint.exit_wait_s',
     'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',

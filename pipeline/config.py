@@ -156,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 1000  # Train steps when num_epochs is 0.
   c.train.log_every_steps = 50  # Write train metrics every this many steps.
   c.train.eval_every_steps = 500  # Full evaluation every this many steps (and at the end).
+  # Optimizer steps per compiled call (a scan over that many stacked batches): fewer
+  # dispatches for small models. Calls end at every eval and checkpoint step and at the
+  # end, so a call may run fewer; logs, evals, saves and resumes are as with 1.
+  c.train.steps_per_call = 1
 
   c.eval = _Section(section='eval')
   c.eval.batch_size = 1000  # Global eval batch; the last batch is padded and masked.
@@ -328,7 +332,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
   _check_choice(config, 'data.channels', (1, 3))
   _check_positive(
       config, 'data.num_classes', 'train.global_batch_size', 'train.log_every_steps',
-      'train.eval_every_steps', 'eval.batch_size',
+      'train.eval_every_steps', 'train.steps_per_call', 'eval.batch_size',
       'checkpoint.every_steps', 'checkpoint.max_to_keep', 'optimizer.learning_rate',
       'checkpoint.exit_wait_s',
       'optimizer.grad_accum_steps', 'data.vocab_size', 'data.max_len', 'model.width',

@@ -109,7 +109,8 @@ class Ledger:
     """`put` for train batches: their 'index' stays on the host for `record`."""
     def put_batch(batch: dict[str, np.ndarray]) -> Any:
       batch = dict(batch)
-      self._pending.append(batch.pop('index'))
+      # One row per step: a call of several steps stacks their batches.
+      self._pending.extend(np.atleast_2d(batch.pop('index')))
       return put(batch)
     return put_batch
 

@@ -13,6 +13,8 @@ import queue
 import threading
 from typing import Any, Callable, TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:  # Not imported at run time: bench/gpu_loops.py runs without grain.
   from pipeline.data.pipeline import TrainIterator
 
@@ -21,12 +23,17 @@ class DevicePrefetch:
   """`next()` gives `put(batch)` for the batches of `host_iter`, `depth` of them made
   ahead on a daemon thread (`depth` 0: made by `next()` itself, no thread). `get_state()`
   is the state after the batches `next()` has returned (not those made ahead). An error of
-  the iterator or of `put` is raised by the `next()` that would have returned that batch."""
+  the iterator or of `put` is raised by the `next()` that would have returned that batch.
+
+  With `call_length` (the loop's steps per call after a step), each item is the batches
+  of one call stacked on a leading axis, so the stacking runs ahead on the thread too.
+  """
 
   def __init__(self, host_iter: TrainIterator, put: Callable[[Any], Any],
-               depth: int = 2):
-    self._host_iter, self._put = host_iter, put
-    self._step = host_iter.step  # The step whose batch the next `next()` returns.
+               depth: int = 2, call_length: Callable[[int], int] | None = None):
+    self._host_iter, self._put, self._call_length = host_iter, put, call_length
+    self._step = host_iter.step  # Steps done before the batch the next `next()` returns.
+    self._made = host_iter.step  # Steps done before the next item `_make` makes.
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
     self._stop = threading.Event()
     self._thread = None
@@ -35,10 +42,21 @@ class DevicePrefetch:
                                       daemon=True)
       self._thread.start()
 
+  def _make(self) -> tuple[Any, int]:
+    """The next item for the devices and the steps it holds."""
+    if self._call_length is None:
+      return self._put(next(self._host_iter)), 1
+    length = self._call_length(self._made)
+    if length <= 0:
+      raise StopIteration  # Past the last step: the loop asks for no more.
+    batches = [next(self._host_iter) for _ in range(length)]
+    self._made += length
+    return self._put({k: np.stack([b[k] for b in batches]) for k in batches[0]}), length
+
   def _produce(self) -> None:
     while not self._stop.is_set():
       try:
-        item = (self._put(next(self._host_iter)), None)
+        item = (self._make(), None)
       except Exception as e:  # pylint: disable=broad-except
         item = (None, e)
       while not self._stop.is_set():
@@ -55,12 +73,13 @@ class DevicePrefetch:
 
   def __next__(self) -> Any:
     if self._thread is None:
-      batch = self._put(next(self._host_iter))
+      item = self._make()
     else:
-      batch, error = self._queue.get()
+      item, error = self._queue.get()
       if error is not None:
         raise error
-    self._step += 1
+    batch, steps = item
+    self._step += steps
     return batch
 
   def get_state(self) -> dict[str, Any]:

@@ -82,6 +82,8 @@ class Parallel:
     self.mesh = make_mesh(config, devices)
     self.fsdp = config.fsdp
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    # A stack of batches for several steps in one call: the step axis stays whole.
+    self.stacked_sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
     self.replicated = NamedSharding(self.mesh, P())
 
   def describe(self) -> str:
@@ -104,16 +106,23 @@ class Parallel:
     shardings = self.state_shardings(jax.eval_shape(init_fn))
     return jax.jit(init_fn, out_shardings=shardings)()
 
-  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's share of the global batch -> global arrays sharded over the mesh."""
-    if jax.process_count() == 1:  # The whole batch is local: one plain transfer is cheaper.
-      return jax.device_put(batch, self.batch_sharding)
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+  def shard_batch(self, batch: dict[str, np.ndarray], stacked: bool = False,
+                  ) -> dict[str, jax.Array]:
+    """This process's share of the global batch -> global arrays sharded over the mesh.
 
-  def compile_train_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    `stacked`: the arrays hold the batches of several steps on a leading axis.
+    """
+    sharding = self.stacked_sharding if stacked else self.batch_sharding
+    if jax.process_count() == 1:  # The whole batch is local: one plain transfer is cheaper.
+      return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+  def compile_train_step(self, step_fn: Callable, abstract_state: Any,
+                         stacked: bool = False) -> Callable:
+    """`step_fn` under jit, donating the state; `stacked`: it takes stacked batches."""
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-    return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
+    batch_sharding = self.stacked_sharding if stacked else self.batch_sharding
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, self.replicated), donate_argnums=0)
 
   def executable(self, compiled: jax.stages.Compiled) -> Callable:
@@ -218,12 +227,19 @@ class PmapParallel(Parallel):
   def host_step(self, state: Any) -> int:
     return int(jax.device_get(jax_utils.unreplicate(state.step)))
 
-  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def shard_batch(self, batch: dict[str, np.ndarray], stacked: bool = False,
+                  ) -> dict[str, jax.Array]:
     n = len(self.local_devices)
-    return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self._stacked)
-            for k, v in batch.items()}
 
-  def compile_train_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
+    def split(v):  # [B, ...] -> [n, B/n, ...]; stacked: [K, B, ...] -> [n, K, B/n, ...].
+      if not stacked:
+        return v.reshape(n, v.shape[0] // n, *v.shape[1:])
+      return np.swapaxes(v.reshape(v.shape[0], n, v.shape[1] // n, *v.shape[2:]), 0, 1)
+    return {k: jax.device_put(split(v), self._stacked) for k, v in batch.items()}
+
+  def compile_train_step(self, step_fn: Callable, abstract_state: Any,
+                         stacked: bool = False) -> Callable:
+    del stacked  # The mapped function sees its device's rows of either layout.
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
                     axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
 

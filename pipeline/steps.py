@@ -172,6 +172,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss: losses_l
   return new_state, metrics
 
 
+def scan_steps(step_fn: Callable) -> Callable:
+  """`step_fn` (state, batch) -> (state, metrics) made into (state, batches) -> (state,
+  metrics): one optimizer step per leading index of `batches`, in order, in one compiled
+  call; the metrics of every step stacked on a leading axis. The state is carried, so
+  dropout and the schedule see each step's own `state.step` as with separate calls."""
+  def steps(state, batches, **kwargs):
+    return jax.lax.scan(lambda carry, batch: step_fn(carry, batch, **kwargs), state, batches)
+  return steps
+
+
 def _collect(collection, axis_name: str | None, **outputs):
   """Metrics over the whole global batch: under pmap they are gathered across devices."""
   if axis_name is None:

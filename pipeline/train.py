@@ -41,16 +41,19 @@ def num_train_steps(config, train_size: int) -> int:
   return config.train.num_steps
 
 
-def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, float]]:
-  """Fetches the metrics of a window of steps at once; a non-finite loss stops the run,
+def _host_metrics(parallel, window: list[tuple[list[int], Any]],
+                  stacked: bool) -> list[dict[str, float]]:
+  """Fetches the metrics of a window of calls at once; a non-finite loss stops the run,
   naming the first step that had one."""
-  window_steps = [step for step, _ in window]
-  # One transfer per metric field, not one per field per step: each step's fields are
-  # stacked on the devices along a last axis (after pmap's leading device axis).
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *[m for _, m in window])
-  fetched = parallel.host_metrics(stacked)
-  # Each metric's own compute() (Average: total / count) works elementwise on the stacked
-  # fields; the Collection's compute() would refuse the stacked reduction counter.
+  window_steps = [step for steps_of_call, _ in window for step in steps_of_call]
+  # One transfer per metric field, not one per field per step: the steps' fields are
+  # joined on the devices along a last axis (after pmap's leading device axis). A call of
+  # several steps (`stacked`) already has one: the scan's, after pmap's device axis.
+  join = ((lambda *xs: jnp.concatenate(xs, axis=-1)) if stacked
+          else (lambda *xs: jnp.stack(xs, axis=-1)))
+  fetched = parallel.host_metrics(jax.tree.map(join, *[m for _, m in window]))
+  # Each metric's own compute() (Average: total / count) works elementwise on the joined
+  # fields; the Collection's compute() would refuse the joined reduction counter.
   values = {f'train/{k}': np.asarray(metric.compute(), np.float64)
             for k, metric in vars(fetched).items() if not k.startswith('_')}
   bad = np.flatnonzero(~np.isfinite(values['train/loss']))
@@ -59,7 +62,8 @@ def _host_metrics(parallel, window: list[tuple[int, Any]]) -> list[dict[str, flo
         f'Non-finite training loss {values["train/loss"][bad[0]]} at step '
         f'{window_steps[bad[0]]}; stopping. Lower optimizer.learning_rate or set '
         'config.debug_nans=True to find the op.')
-  return [{k: float(v[i]) for k, v in values.items()} for i in range(len(window_steps))]
+  return [{'step': step, **{k: float(v[i]) for k, v in values.items()}}
+          for i, step in enumerate(window_steps)]
 
 
 def _skipped_scalars(config, trainer: 'Trainer', train_iter) -> dict[str, float]:
@@ -100,29 +104,50 @@ class Trainer:
                                      config.seed, self.loss.num_outputs)
     self.abstract_state = self.parallel.abstract_state(self.init_fn)
     eval_loss = losses.from_config(config, for_eval=True)
-    self.train_step = self.parallel.compile_train_step(functools.partial(
+    step_fn = functools.partial(
         steps.train_step, loss=self.loss, learning_rate_fn=self.learning_rate_fn,
         grad_accum_steps=config.optimizer.grad_accum_steps,
         per_example_grads=optim.needs_per_example_grads(config),
-        frozen=tuple(config.freeze)), self.abstract_state)
+        frozen=tuple(config.freeze))
+    # With steps_per_call > 1 every call, a shorter one too, scans stacked batches.
+    self.stacked = config.train.steps_per_call > 1
+    self.train_fn = self.parallel.compile_train_step(
+        steps.scan_steps(step_fn) if self.stacked else step_fn, self.abstract_state,
+        stacked=self.stacked)
+    self._executables: dict[int, Any] = {}  # Steps per call -> its compiled executable.
     self.eval_step = self.parallel.compile_eval_step(
         functools.partial(steps.eval_step, loss=eval_loss), self.abstract_state)
     self.predict_step = self.parallel.compile_predict_step(
         functools.partial(steps.predict_step, loss=eval_loss), self.abstract_state)
 
-  def compile_train_step(self, state: steps.TrainState, batch: Any) -> float:
-    """Compiles the step for these shapes ahead of time; returns its model FLOPs.
+  def call_length(self, step: int) -> int:
+    """Steps the call after `step` runs: `train.steps_per_call`, or fewer so that calls
+    end at every eval step, checkpoint step and the last step."""
+    cfg = self.config
+    return min(cfg.train.steps_per_call, self.num_steps - step,
+               *(every - step % every for every in (cfg.train.eval_every_steps,
+                                                     cfg.checkpoint.every_steps)))
 
-    Calling the compiled executable can never retrace or recompile.
+  def needs_compile(self, length: int) -> bool:
+    return length not in self._executables
+
+  def compile_train_step(self, state: steps.TrainState, batch: Any, length: int) -> float:
+    """Compiles the call of `length` steps for these shapes ahead of time; returns the
+    model FLOPs of one step. Calling the executable can never retrace or recompile.
     """
-    lowered = self.train_step.lower(state, batch)
+    lowered = self.train_fn.lower(state, batch)
     compiled = lowered.compile()
-    self.train_step = self.parallel.executable(compiled)
+    self._executables[length] = self.parallel.executable(compiled)
     # FLOPs of the lowered module: on GPU the compiled one hides convolutions in cuDNN
-    # custom calls that its cost analysis does not count.
+    # custom calls that its cost analysis does not count. XLA counts a loop's body once,
+    # so a scan of several steps costs one step's FLOPs.
     cost = lowered.cost_analysis() or compiled.cost_analysis()  # None on some GPUs.
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', 0.0))
+
+  def train_step(self, state: steps.TrainState, batch: Any, length: int):
+    """`length` optimizer steps on `batch` (stacked when `self.stacked`)."""
+    return self._executables[length](state, batch)
 
   def evaluate(self, state: steps.TrainState, split: str | None = None,
                stop=None) -> dict[str, float] | None:
@@ -254,32 +279,36 @@ class TrainWindow:
     self.start, self.wait_start = self.now(), self.clock.seconds['data_wait']
     self.timed_steps = 0
 
-  def push(self, metrics: Any, step: int) -> None:
-    self.pending.append((step, metrics))
-    self.timed_steps += 1
+  def push(self, metrics: Any, steps_of_call: list[int]) -> None:
+    """The metrics of one call, which ran `steps_of_call`."""
+    self.pending.append((steps_of_call, metrics))
+    self.timed_steps += len(steps_of_call)
     if len(self.pending) > self.IN_FLIGHT:
       jax.block_until_ready(self.pending[-self.IN_FLIGHT - 1][1])
 
   def drain(self) -> None:
     """Fetches the pending steps' metrics now (a non-finite loss raises here)."""
     if self.pending:
-      self.records.extend(_host_metrics(self.trainer.parallel, self.pending))
+      self.records.extend(_host_metrics(self.trainer.parallel, self.pending,
+                                        self.trainer.stacked))
       self.pending = []
 
-  def flush(self) -> dict[str, float]:
-    """Means over the window plus throughput; `restart` begins the next window."""
+  def flush(self, upto: int) -> dict[str, float]:
+    """Means over the window's steps up to `upto`, plus throughput (of the whole window);
+    `restart` begins the next window once every step in it is written."""
     self.drain()
     elapsed = self.now() - self.start
     self.step_seconds = elapsed / max(1, self.timed_steps)
-    scalars = {k: float(np.mean([r[k] for r in self.records])) for k in self.records[0]}
+    written = [r for r in self.records if r['step'] <= upto]
+    self.records = [r for r in self.records if r['step'] > upto]
+    scalars = {k: float(np.mean([r[k] for r in written])) for k in written[0] if k != 'step'}
     scalars.update({
-        'train/learning_rate': self.records[-1]['train/learning_rate'],
+        'train/learning_rate': written[-1]['train/learning_rate'],
         'perf/examples_per_sec': self.trainer.config.train.global_batch_size
                                  / self.step_seconds,
         'perf/flops_per_sec': self.flops / self.step_seconds,
         'perf/data_wait_fraction':
             (self.clock.seconds['data_wait'] - self.wait_start) / elapsed})
-    self.records = []
     return scalars
 
 
@@ -295,6 +324,20 @@ def _hooks(config, trainer: Trainer, writer, workdir: str) -> list[Any]:
   if config.profile.server_port:
     jax.profiler.start_server(config.profile.server_port)
   return hooks
+
+
+def _compile(trainer: Trainer, window: TrainWindow, clock: goodput.Goodput, dog, state,
+             batch, length: int, step: int) -> None:
+  """Compiles the call of `length` steps (once per length), timed as compile time."""
+  dog.progress('compile', step)
+  compile_start = time.perf_counter()
+  window.flops = trainer.compile_train_step(state, batch, length)
+  compile_seconds = time.perf_counter() - compile_start
+  clock.add('compile', compile_seconds)
+  logging.info('Train call of %d step(s) compiled in %.2f s (%.3g FLOPs/step).', length,
+               compile_seconds, window.flops)
+  window.restart()
+  dog.progress('train', step)
 
 
 def train_and_evaluate(config, workdir: str) -> steps.TrainState:
@@ -357,42 +400,43 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
                              global_batch_size=cfg.global_batch_size,
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
-  batches = prefetch.DevicePrefetch(train_iter, ledger.device_put(trainer.parallel.shard_batch),
-                                    config.data.device_prefetch)
+  put = functools.partial(trainer.parallel.shard_batch, stacked=trainer.stacked)
+  batches = prefetch.DevicePrefetch(train_iter, ledger.device_put(put),
+                                    config.data.device_prefetch,
+                                    trainer.call_length if trainer.stacked else None)
 
   # An exception (a non-finite loss, a crash) first lets a started save commit.
   with exits.keep_started_save(ckpt, config.checkpoint.exit_wait_s, batches.close,
                                ledger.close, stop.restore):
-    for step in range(start_step + 1, trainer.num_steps + 1):  # `step` = updates done after it.
-      dog.progress('data', step)
+    step = start_step  # Updates done; each call runs `length` more.
+    while step < trainer.num_steps:
+      length, first = trainer.call_length(step), step == start_step
+      dog.progress('data', step + 1)
       with clock.timing('data_wait'):
         batch = next(batches)
-      dog.progress('train', step)
-      if step == start_step + 1:
-        if not stop.requested():  # A stop during start-up need not wait for a compile.
-          dog.progress('compile', step)
-          compile_start = time.perf_counter()
-          window.flops = trainer.compile_train_step(state, batch)
-          compile_seconds = time.perf_counter() - compile_start
-          clock.add('compile', compile_seconds)
-          logging.info('Train step compiled in %.2f s (%.3g FLOPs/step).', compile_seconds,
-                       window.flops)
-          window.restart()
-          dog.progress('train', step)
-        if stop.requested():  # Still start-up: nothing trained since the restore.
-          logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
-                          stop.reason)
-          stopping = True
-          break
-      state, metrics = trainer.train_step(state, batch)
-      ledger.record(step)
-      window.push(metrics, step)
-      for hook in hooks:
-        hook(step)
+      dog.progress('train', step + 1)
+      # A stop during start-up need not wait for a compile.
+      if trainer.needs_compile(length) and not (first and stop.requested()):
+        _compile(trainer, window, clock, dog, state, batch, length, step + 1)
+      if first and stop.requested():  # Still start-up: nothing trained since the restore.
+        logging.warning('Stop requested (%s) during start-up: exiting, nothing saved.',
+                        stop.reason)
+        stopping = True
+        break
+      state, metrics = trainer.train_step(state, batch, length)
+      done = range(step + 1, step + length + 1)
+      for step in done:
+        ledger.record(step)
+        for hook in hooks:
+          hook(step)
+      window.push(metrics, list(done))
       last, stopping = step == trainer.num_steps, stop.should_stop(step)
-      if step % cfg.log_every_steps == 0 or last or stopping:
-        writer.write_scalars(step, {**window.flush(), **clock.scalars(),
-                                    **_skipped_scalars(config, trainer, train_iter)})
+      logged = [s for s in done if s % cfg.log_every_steps == 0 or
+                s == step and (last or stopping)]
+      for logged_step in logged:  # Each as if written after its own step.
+        writer.write_scalars(logged_step, {**window.flush(logged_step), **clock.scalars(),
+                                           **_skipped_scalars(config, trainer, train_iter)})
+      if logged:
         window.restart()
       eval_metrics, eval_pending = None, False
       if step % cfg.eval_every_steps == 0 or last:

@@ -83,14 +83,15 @@ def test_window_throughput_counts_only_the_steps_since_restart():
   now = [0.0]
   config = config_lib.base_config()
   config.train.global_batch_size = 10
-  trainer = types.SimpleNamespace(config=config, parallel=sharding.Parallel(config))
+  trainer = types.SimpleNamespace(config=config, parallel=sharding.Parallel(config),
+                                  stacked=False)
   window = train.TrainWindow(trainer, goodput.Goodput(), now=lambda: now[0])
 
   def push(step):
     now[0] += 1.0  # Each step takes 1 s.
     window.push(steps.TrainMetrics.single_from_model_output(
         loss=jnp.float32(step), correct=jnp.float32(1.0), learning_rate=jnp.float32(0.1),
-        grad_norm=jnp.float32(1.0)), step)
+        grad_norm=jnp.float32(1.0)), [step])
 
   for step in range(1, 5):
     push(step)
@@ -99,7 +100,7 @@ def test_window_throughput_counts_only_the_steps_since_restart():
   window.restart()
   for step in range(5, 7):
     push(step)
-  scalars = window.flush()
+  scalars = window.flush(6)
   assert scalars['perf/examples_per_sec'] == pytest.approx(10.0)  # 2 steps of 10 in 2 s.
   assert scalars['train/loss'] == pytest.approx(3.5)  # The mean of steps 1..6.
 
