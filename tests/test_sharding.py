@@ -44,7 +44,7 @@ def _losses(config, num_steps, state=None):
   batches = trainer.data.train_iter(0)
   losses = []
   for _ in range(num_steps):
-    state, metrics = trainer.train_step(state, trainer.parallel.shard_batch(next(batches)))
+    state, metrics = trainer.train_fn(state, trainer.parallel.shard_batch(next(batches)))
     losses.append(float(trainer.parallel.host_metrics(metrics).compute()['loss']))
   return losses, state, trainer
 

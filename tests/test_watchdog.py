@@ -180,7 +180,7 @@ def test_a_data_read_that_hangs_mid_training_names_the_data_phase(tmp_path):
                '--config.watchdog.timeout_s=10')
   try:
     output = _Output(proc)
-    output.wait_for('Train step compiled', timeout=120)
+    output.wait_for('Train call of 1 step(s) compiled', timeout=120)
     # Every image becomes a FIFO: the next read of any of them never returns.
     for c in (0, 1):
       for name in os.listdir(os.path.join(folder, f'c{c}')):
