@@ -1,18 +1,21 @@
 """Stop signals: turn SIGTERM, SIGINT and SLURM's USR1 into "save at a step, then exit".
 
-With several processes, every host must stop at the same point, so the stop goes through
+With several processes, every host must stop at the same step, so the stop goes through
 JAX's preemption sync manager (installed by `jax.distributed.initialize`): it owns
-SIGTERM, spreads a notice to every host, and each host's next
-`reached_preemption_sync_point(n)` calls agree on one sync point, the largest `n` any
-host had passed plus one. SIGINT and SIGUSR1 are forwarded to SIGTERM to take that path
+SIGTERM, spreads a notice to every host, and `reached_preemption_sync_point(step)` turns
+true on every host at the same step: the largest step any host had passed when the
+notice came, plus one. SIGINT and SIGUSR1 are forwarded to SIGTERM to take that path
 too. A lone process needs no agreement, so it handles all three itself and stops after
 the current step (the sync service would only add a second or so of latency); it still
-polls the sync manager for preemption notices that do not come as signals.
+polls the sync manager for preemption notices that do not come as signals, and acts on
+a signal at once where a step boundary is far (`requested`: between eval batches, in
+start-up).
 
-The `n` passed is not the train step but a count of this object's checks: every host
-makes the same checks in the same order (one per step, one between eval batches, a few
-in start-up), so a stop can land between eval batches or in start-up too, on every host
-at the same check, and an ImageNet eval need not finish inside a 30 s notice.
+The sync point is counted in train steps because Orbax's CheckpointManager.save also
+asks the sync manager, with the step it saves: counters of our own (say, one per eval
+batch) would mix with Orbax's, and a notice that came during a save would set a sync
+point already passed, so the run would never stop. So with several processes a stop
+lands at a step boundary, after the eval of that step if there is one.
 """
 
 from __future__ import annotations
@@ -29,15 +32,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
-  """Installs the handlers; `should_stop` and `requested` answer the same on every host
-  when every host calls them in the same order."""
+  """Installs the handlers; `should_stop(step)` answers the same on every host."""
 
   def __init__(self):
     self._flag = threading.Event()
     self.signal_name = None
     self._synced = jax_distributed.global_state.preemption_sync_manager is not None
     self._forward = self._synced and jax.process_count() > 1
-    self._checks = 0  # The sync manager's counter: the same sequence on every host.
+    # Whether `requested` can ever turn true: a lone process acts on a signal by itself.
+    self.acts_alone = not self._forward
     handled = STOP_SIGNALS[1:] if self._forward else STOP_SIGNALS
     self._previous = {sig: signal.signal(sig, self._handle) for sig in handled}
 
@@ -45,20 +48,14 @@ class StopRequest:
     del frame
     self.signal_name = signal.Signals(signum).name
     if self._forward:
-      # JAX's notifier listens for SIGTERM only; it then agrees a stop point with peers.
+      # JAX's notifier listens for SIGTERM only; it then agrees a stop step with peers.
       os.kill(os.getpid(), signal.SIGTERM)
     else:
       self._flag.set()
 
-  def _reached_sync_point(self) -> bool:
-    if not self._synced:
-      return False
-    self._checks += 1
-    return multihost_utils.reached_preemption_sync_point(self._checks)
-
   @property
   def received(self) -> bool:
-    """Whether a stop has been requested (never checks with the other hosts)."""
+    """Whether this process was asked to stop by a signal it handles itself."""
     return self._flag.is_set()
 
   @property
@@ -67,21 +64,17 @@ class StopRequest:
     return self.signal_name or 'preemption notice'
 
   def should_stop(self, step: int) -> bool:
-    """Whether to save at `step` and exit. Called after every step on every host."""
-    del step  # The checks are counted instead (see the module docstring).
-    return self.requested()
-
-  def requested(self) -> bool:
-    """Whether to stop now, between steps (between eval batches, during start-up).
-
-    Once it has been true, `should_stop` and `requested` stay true: the run is stopping.
-    """
+    """Whether to save at `step` and exit. Called after every step on every host: the
+    sync point needs each host's step."""
     if self._flag.is_set():
       return True
-    if self._reached_sync_point():
-      self._flag.set()  # The sync point passes; what was agreed stays agreed.
-      return True
-    return False
+    return self._synced and multihost_utils.reached_preemption_sync_point(step)
+
+  def requested(self) -> bool:
+    """Whether this process was asked to stop and may act on it alone, now (between
+    eval batches, during start-up): a lone process only. With several, the stop must
+    come at a step all agree on (`should_stop`), so this stays False."""
+    return self._flag.is_set()
 
   def restore(self) -> None:
     """Puts the previous handlers back (tests run several loops in one process)."""

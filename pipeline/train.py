@@ -441,7 +441,8 @@ def _train_and_evaluate(config, workdir: str, dog: watchdog.Watchdog) -> steps.T
       eval_metrics, eval_pending = None, False
       if step % cfg.eval_every_steps == 0 or last:
         window.drain()  # A non-finite loss stops here, before an eval of a broken state.
-        eval_metrics = _evaluate(trainer, state, writer, step, lead, stop.requested)
+        eval_metrics = _evaluate(trainer, state, writer, step, lead,
+                                 stop.requested if stop.acts_alone else None)
         eval_pending = eval_metrics is None  # Abandoned for a stop: saved now, run on resume.
         stopping = eval_pending or early.update(eval_metrics) or stopping
         window.restart()  # Eval time is not training throughput.
