@@ -221,7 +221,7 @@ def test_a_step_only_one_process_cannot_read_is_skipped_by_both(tmp_path):
       f.write(data)
 
   started = time.time()
-  _two_processes(workdir, *fsdp, '--config.train.num_steps=12')
+  _two_processes(workdir, *fsdp)  # Steps 6-10 again, from step 5.
   took = time.time() - started
   print(f'2 processes, step 10 unreadable on process 1 only: rerun took {took:.1f} s')
   for i in range(2):
@@ -230,7 +230,7 @@ def test_a_step_only_one_process_cannot_read_is_skipped_by_both(tmp_path):
     assert re.search(r'Checkpoint step 10 in \S+ is unreadable on process 1: ', log), log[-3000:]
     assert 'Restored checkpoint step 5 from' in log, log[-3000:]
   resumed = _jsonl_losses(workdir)
-  assert sorted(resumed) == list(range(1, 13))
+  assert sorted(resumed) == list(range(1, 11))
   assert [resumed[s] for s in range(6, 11)] == [first[s] for s in range(6, 11)]
   names = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert any(n.startswith('10.unreadable-') for n in names), names
