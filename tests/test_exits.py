@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from pipeline import exits
 from tests import workdirs
@@ -75,81 +74,50 @@ def _wait_for(predicate, proc, what, timeout=240):
     time.sleep(0.05)
 
 
-def _local_sh(workdir, num_processes, *flags):
-  """launch/local.sh's command line for `num_processes` x (8 / num_processes) devices."""
-  return ['bash', 'launch/local.sh', '--config', CONFIG, '--workdir', workdir,
-          '--num_processes', str(num_processes),
-          '--devices_per_process', str(8 // num_processes), '--', *flags]
+def _run(workdir, *flags):
+  """A run to its end."""
+  subprocess.run(_command(workdir, *flags), cwd=ROOT, env=_env(), check=True,
+                 capture_output=True, timeout=300)
 
 
-def _run(workdir, num_processes, *flags):
-  """A run to its end, in 1 process (python -m pipeline.main) or several (local.sh)."""
-  command = (_command(workdir, *flags) if num_processes == 1
-             else _local_sh(workdir, num_processes, *flags))
-  subprocess.run(command, cwd=ROOT, env=_env(8 // num_processes), check=True,
-                 capture_output=True, timeout=400)
-
-
-def _sigterm_when(ready, what, log_path, command, settle_s=0.0, num_processes=1,
-                  workdir=None):
-  """Runs `command` logging to `log_path`, sends SIGTERM `settle_s` after `ready()` holds,
-  to the process or, under local.sh, to each of its pipeline processes (as a scheduler
-  signals every task); returns (the process, seconds from the signal to its exit, its log:
-  local.sh's followed by each process's)."""
+def _sigterm_when(ready, what, log_path, command, settle_s=0.0):
+  """Runs `command` logging to `log_path`, sends SIGTERM `settle_s` after `ready()` holds;
+  returns (the process, seconds from the signal to its exit, its log)."""
   with open(log_path, 'w', encoding='utf-8') as log:
-    proc = subprocess.Popen(command, cwd=ROOT, env=_env(8 // num_processes), stdout=log,
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log,
                             stderr=subprocess.STDOUT)
     _wait_for(ready, proc, what)
     time.sleep(settle_s)
-    if num_processes == 1:
-      targets = [proc.pid]
-    else:  # local.sh's children: `env` execs Python, so these are the pipeline processes.
-      targets = [int(pid) for pid in subprocess.run(
-          ['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()]
-      assert len(targets) == num_processes, targets
-    for pid in targets:
-      os.kill(pid, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     signalled = time.time()
     proc.wait(timeout=60)
     took = time.time() - signalled
   with open(log_path, encoding='utf-8') as f:
-    out = f.read()
-  for i in range(num_processes if num_processes > 1 else 0):
-    with open(os.path.join(workdir, 'logs', f'process_{i}.log'),
-              encoding='utf-8') as f:
-      out += f'\n---- process {i} ----\n' + f.read()
-  return proc, took, out
+    return proc, took, f.read()
 
 
 # One process: with several, a stop lands at the step boundary after the eval (see
 # pipeline/preemption.py); the 4-process stop is in tests/test_multiprocess_train.py.
-@pytest.mark.parametrize('num_processes', [1])
-def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(
-    tmp_path, num_processes):
+def test_sigterm_during_a_long_eval_exits_at_once_and_resumes_bit_identically(tmp_path):
   reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'stopped')
   every_3 = ['--config.train.eval_every_steps=3']
-  _run(reference, num_processes, *STEPS, *FAST_EVAL, *every_3)
+  _run(reference, *STEPS, *FAST_EVAL, *every_3)
 
   # Step 3's losses are written just before its eval starts; 3 s on is well inside the
-  # eval (2048 batches). With several processes all must abandon it at the same batch.
-  command = ((_command if num_processes == 1 else
-              lambda *a: _local_sh(a[0], num_processes, *a[1:]))
-             (workdir, *STEPS, *SLOW_EVAL, *every_3))
+  # eval (2048 batches).
   proc, took, out = _sigterm_when(lambda: 3 in workdirs.losses(workdir), 'step 3',
-                                  str(tmp_path / 'stopped.log'), command, settle_s=3,
-                                  num_processes=num_processes, workdir=workdir)
+                                  str(tmp_path / 'stopped.log'),
+                                  _command(workdir, *STEPS, *SLOW_EVAL, *every_3), settle_s=3)
   assert proc.returncode == 0, out[-3000:]
-  assert out.count('Stop requested during the eval of step 3: eval abandoned') == (
-      num_processes), out[-3000:]
-  print(f'SIGTERM during eval, {num_processes} process(es): exited {took:.2f} s after '
-        'the signal')
+  assert 'Stop requested during the eval of step 3: eval abandoned' in out, out[-3000:]
+  print(f'SIGTERM during eval: exited {took:.2f} s after the signal')
   assert took < 10, f'exited {took:.1f} s after SIGTERM'
   assert workdirs.committed_steps(workdir) == [3]
   assert max(workdirs.losses(workdir)) == 3
 
   # The rerun (a fast eval: eval.batch_size may change on resume) first runs the
   # abandoned eval of step 3, then finishes as if never stopped.
-  _run(workdir, num_processes, *STEPS, *FAST_EVAL, *every_3)
+  _run(workdir, *STEPS, *FAST_EVAL, *every_3)
   assert workdirs.losses(workdir) == workdirs.losses(reference)
   evals = {r['step']: r['eval/loss'] for r in workdirs.records(workdir) if 'eval/loss' in r}
   assert evals == {r['step']: r['eval/loss'] for r in workdirs.records(reference)
