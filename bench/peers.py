@@ -322,17 +322,28 @@ class OurLoop:
     self.turns.done.set()
 
 
+def keras_sync_callback():
+  import keras
+  return keras.callbacks.Callback()  # async_safe False: Keras syncs the logs per call.
+
+
 class KerasFit:
   """`model.fit` of `window_steps` steps per turn, timed (the first turn compiles)."""
 
-  def __init__(self, model, x, y, batch: int, spe: int, window_steps: int):
+  def __init__(self, model, x, y, batch: int, spe: int, window_steps: int, devices: int):
     self.model, self.x, self.y, self.batch, self.spe = model, x, y, batch, spe
     self.window_steps, self.rates = window_steps, []
+    # Unbounded async dispatch of steps with collectives (8 fake devices) aborts XLA's CPU
+    # rendezvous on this loaded 2-core host. A callback that is not `async_safe` makes
+    # Keras fetch the logs after every call of `steps_per_execution` steps, bounding the
+    # steps in flight as the progress bar (fit's default verbose=1) does.
+    self.callbacks = [keras_sync_callback()] if devices > 1 else []
 
   def play(self):
     start = time.perf_counter()
     self.model.fit(self.x, self.y, batch_size=self.batch, epochs=1,
-                   steps_per_epoch=self.window_steps, shuffle=True, verbose=0)
+                   steps_per_epoch=self.window_steps, shuffle=True, verbose=0,
+                   callbacks=self.callbacks)
     # fit ends by writing the state back to the model's variables: waiting on one waits
     # for the last step.
     import jax
@@ -383,18 +394,20 @@ def throughput_child(args) -> None:
     # The same trimmed schedule as our loops run (harness.short_run).
     model = build_keras(loops[0].config, fill, x.shape[1:], args.devices_one,
                         windows * window_steps, spe)
-    fits.append(KerasFit(model, x, y, batch, spe, window_steps))
+    fits.append(KerasFit(model, x, y, batch, spe, window_steps, args.devices_one))
   keras_params = fits[0].model.count_params()
   print(f'devices {jax.device_count()}, batch {batch}, window {window_steps} steps, '
         f'{args.rounds} rounds; parameters: ours {ours_params:,}, Keras {keras_params:,}',
         flush=True)
   if ours_params != keras_params:
     raise SystemExit('the Keras model does not have our parameter count')
-  players = [*loops, *fits]
-  names = [f'ours K={loop.k}' for loop in loops] + [f'keras spe={f.spe}' for f in fits]
+  players = [*fits, *loops]
+  names = [f'keras spe={f.spe}' for f in fits] + [f'ours K={loop.k}' for loop in loops]
   try:
     for r in range(windows):
       for name, player in zip(names, players):
+        if not r:
+          print(f'warm-up (compile): {name}', flush=True)
         player.play()
         if r:
           print(f'round {r}: {name:14s} {player.rates[-1]:8,.0f} examples/s', flush=True)
