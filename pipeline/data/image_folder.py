@@ -49,8 +49,10 @@ class FileSplit:
            boxes: Sequence[images.BoxFn | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [B, H, W, C] and labels; `boxes[i]` picks example i's crop."""
     boxes = boxes or [None] * len(indices)
-    return (np.stack([self._decode(i, box) for i, box in zip(indices, boxes)]),
-            self.labels[indices])
+    decoded = [self._decode(i, box) for i, box in zip(indices, boxes)]
+    # One example (the per-example train path): a view, not a copy; grain's batch copies.
+    inputs = decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
+    return inputs, self.labels[indices]
 
   def read_skipping(self, indices: np.ndarray, boxes: Sequence[images.BoxFn | None] | None = None,
                     *, substitute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
