@@ -9,8 +9,9 @@ files of 500x375 in 100 class subfolders by default) and measures
   start-up     the `image_folder` start-up per file with a cold page cache
                (`imagenet_startup`);
   images/s     our ImageNet train path (Inception crop, 224, flip, normalized) for each
-               --workers count, against the Flax ImageNet example's tf.data path on the
-               same files and cores (`imagenet_throughput`), alternated round by round.
+               --workers count and --threads count, against the Flax ImageNet example's
+               tf.data path on the same files and cores (`imagenet_throughput`),
+               alternated round by round.
 
 For each dataset (Fashion-MNIST train with crop+flip, global batch 128, the default CNN;
 Rotten Tomatoes vectorized, batch 64, the LSTM of configs/rotten_tomatoes_lstm.py):
