@@ -9,8 +9,9 @@ files of 500x375 in 100 class subfolders by default) and measures
   start-up     the `image_folder` start-up per file with a cold page cache
                (`imagenet_startup`);
   images/s     our ImageNet train path (Inception crop, 224, flip, normalized) for each
-               --workers count, against the Flax ImageNet example's tf.data path on the
-               same files and cores (`imagenet_throughput`), alternated round by round.
+               --workers count and --threads count, against the Flax ImageNet example's
+               tf.data path on the same files and cores (`imagenet_throughput`),
+               alternated round by round.
 
 For each dataset (Fashion-MNIST train with crop+flip, global batch 128, the default CNN;
 Rotten Tomatoes vectorized, batch 64, the LSTM of configs/rotten_tomatoes_lstm.py):
@@ -58,8 +59,8 @@ def parse_args(argv):
   parser.add_argument('--files', type=int, default=20000, help='--imagenet: JPEG count')
   parser.add_argument('--workers', default='0,1,2',
                       help='--imagenet: data.num_workers values measured (comma-separated)')
-  parser.add_argument('--threads', type=int, default=2,
-                      help='--imagenet: data.prefetch_threads of our path')
+  parser.add_argument('--threads', default='2',
+                      help='--imagenet: data.prefetch_threads values of our path (comma-separated)')
   parser.add_argument('--batch', type=int, default=128, help='--imagenet: batch size')
   parser.add_argument('--skip_startup', action='store_true', help='--imagenet: images/s only')
   return parser.parse_args(argv)
@@ -194,19 +195,20 @@ def imagenet_throughput(args) -> dict:
 
   flags.FLAGS(sys.argv[:1])  # grain's worker processes read absl flags (see ARCHITECTURE).
 
-  def ours(workers: int):
+  def ours(workers: int, threads: int):
     config = _folder_config(args.jpeg_dir)
     config.data.inception_crop = True
     config.data.random_flip = True
     config.data.normalize = True
     config.data.mean, config.data.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     config.data.num_workers = workers
-    config.data.prefetch_threads = args.threads
+    config.data.prefetch_threads = threads
     config.train.global_batch_size = args.batch
     return make_data(config, process_index=0, process_count=1).train_iter()
 
-  variants = {f'ours, {w} workers': (lambda w=w: ours(w)) for w in
-              harness.device_counts(args.workers)}
+  variants = {f'ours, {w} workers, {t} threads': (lambda w=w, t=t: ours(w, t))
+              for w in harness.device_counts(args.workers)
+              for t in harness.device_counts(args.threads)}
   variants['tf.data (Flax example)'] = lambda: _tf_data_batches(args.jpeg_dir, args.batch)
   rates = {name: [] for name in variants}
   cpu_ms = {name: [] for name in variants}
@@ -241,7 +243,7 @@ def report_throughput(result: dict) -> None:
   rates = result['rates']
   reference = rates['tf.data (Flax example)']
   print(f'\nImageNet-like train input, images/s (batch {result["batch"]}, our path with '
-        f'{result["threads"]} read threads; medians, min-max over rounds; ratio paired '
+        f'read threads {result["threads"]}; medians, min-max over rounds; ratio paired '
         'per round)')
   cpu = result['cpu_ms']
   rows = [[name, harness.median(v), f'{min(v):,.0f}-{max(v):,.0f}',

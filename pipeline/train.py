@@ -111,9 +111,10 @@ class Trainer:
         frozen=tuple(config.freeze))
     # With steps_per_call > 1 every call, a shorter one too, scans stacked batches.
     self.stacked = config.train.steps_per_call > 1
+    self.unrolled = self.stacked and jax.default_backend() == 'cpu'  # See steps.scan_steps.
     self.train_fn = self.parallel.compile_train_step(
-        steps.scan_steps(step_fn) if self.stacked else step_fn, self.abstract_state,
-        stacked=self.stacked)
+        steps.scan_steps(step_fn, unroll=self.unrolled) if self.stacked else step_fn,
+        self.abstract_state, stacked=self.stacked)
     self._executables: dict[int, Any] = {}  # Steps per call -> its compiled executable.
     self.eval_step = self.parallel.compile_eval_step(
         functools.partial(steps.eval_step, loss=eval_loss), self.abstract_state)
@@ -140,10 +141,10 @@ class Trainer:
     self._executables[length] = self.parallel.executable(compiled)
     # FLOPs of the lowered module: on GPU the compiled one hides convolutions in cuDNN
     # custom calls that its cost analysis does not count. XLA counts a loop's body once,
-    # so a scan of several steps costs one step's FLOPs.
+    # so a scan of several steps costs one step's FLOPs; unrolled, it counts every step.
     cost = lowered.cost_analysis() or compiled.cost_analysis()  # None on some GPUs.
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get('flops', 0.0))
+    return float((cost or {}).get('flops', 0.0)) / (length if self.unrolled else 1)
 
   def train_step(self, state: steps.TrainState, batch: Any, length: int):
     """`length` optimizer steps on `batch` (stacked when `self.stacked`)."""

@@ -361,6 +361,13 @@ def test_augmentation_matches_a_per_example_crop_and_flip():
     np.testing.assert_array_equal(got, want[:, ::-1] if key >> np.uint64(63) else want)
   flips = (keys >> np.uint64(63)).astype(bool)
   assert 10 < flips.sum() < 54
+  # Flip alone, for the batch and one example at a time (the decoded-image path's views).
+  flipped = images.augment(batch, seed=5, positions=positions, pad=0, flip=True)
+  np.testing.assert_array_equal(flipped, np.where(flips[:, None, None, None],
+                                                  batch[:, :, ::-1], batch))
+  for i in (int(np.argmax(flips)), int(np.argmin(flips))):
+    np.testing.assert_array_equal(images.augment(batch[i:i + 1], seed=5, pad=0, flip=True,
+                                                 positions=positions[i:i + 1]), flipped[i:i + 1])
 
 
 # The ImageNet recipe's crops, against TensorFlow's ops.
@@ -403,6 +410,38 @@ def test_eval_center_crop_matches_tf_image_within_one_gray_level(tmp_path, fashi
                                antialias=True)
     expected = np.clip(np.round(expected.numpy()), 0, 255).astype(np.int32)
     assert np.abs(got[row] - expected).max() <= 1, (paths[i], np.abs(got[row] - expected).max())
+
+
+def test_jpeg_crops_decode_down_to_their_last_row_only_with_full_decode_pixels(tmp_path,
+                                                                              fashion_test):
+  paths = _write_jpegs(tmp_path, fashion_test)
+  crops = images.Crops(48, inception=True)
+  for path in paths:
+    with Image.open(path) as whole:
+      whole.load()  # A loaded image is cropped as it is: the reference.
+      for key in images.example_keys(1, np.arange(6)):
+        got = images.decode(path, size=(48, 48), channels=3, box=crops.train_box(key))
+        np.testing.assert_array_equal(
+            got, images.decode(whole, size=(48, 48), channels=3, box=crops.train_box(key)))
+  # A crop whose last row is black is decoded again whole, and gets the same pixels.
+  pixels = np.random.default_rng(0).integers(0, 256, (200, 120, 3), dtype=np.uint8)
+  pixels[:40] = 0
+  Image.fromarray(pixels).save(tmp_path / 'black.jpg', quality=95)
+  top_left = lambda height, width: (0, 0, 24, 24)
+  got = images.decode(str(tmp_path / 'black.jpg'), size=None, channels=3, box=top_left)
+  with Image.open(tmp_path / 'black.jpg') as whole:
+    np.testing.assert_array_equal(got, np.asarray(whole.convert('RGB'))[:24, :24])
+  # Rows below the crop are never decoded: a file cut off below it still gives the crop (as
+  # with tf.io.decode_and_crop_jpeg); a crop that reaches the cut is named as undecodable.
+  pixels[:40] = 99
+  Image.fromarray(pixels).save(tmp_path / 'cut.jpg', quality=95)
+  whole = (tmp_path / 'cut.jpg').read_bytes()
+  (tmp_path / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
+  got = images.decode(str(tmp_path / 'cut.jpg'), size=None, channels=3, box=top_left)
+  assert got.shape == (24, 24, 3) and abs(int(np.median(got)) - 99) <= 2
+  bottom = lambda height, width: (height - 24, 0, 24, 24)
+  with pytest.raises(DataError, match=r'cut\.jpg: cannot decode image'):
+    images.decode(str(tmp_path / 'cut.jpg'), size=None, channels=3, box=bottom)
 
 
 @pytest.mark.parametrize('height,width', [(375, 500), (500, 375)])

@@ -62,11 +62,16 @@ def test_eight_steps_per_call_give_the_losses_of_one(tmp_path, monkeypatch, para
   eight = _run(config, tmp_path / 'eight')
   losses_one, losses_eight = _by_step(one, 'train/loss'), _by_step(eight, 'train/loss')
   assert sorted(losses_eight) == sorted(losses_one) == list(range(1, NUM_STEPS + 1))
+  # On the CPU the K steps are unrolled (steps.scan_steps), and XLA compiles the 8-step
+  # program's convolutions apart from the 1-step one's. Under pmap the rounding that leaves
+  # grows to 1.3e-6 by step 13 (steps 1-12 within 1e-6; eval loss at step 13 1.03e-6;
+  # measured 2026-12-02).
+  rtol = 1e-6 if parallelism == 'jit' else 2e-6
   np.testing.assert_allclose([losses_eight[s] for s in losses_one],
-                             list(losses_one.values()), rtol=1e-6)
+                             list(losses_one.values()), rtol=rtol)
   assert sorted(_by_step(eight, 'eval/loss')) == [10, NUM_STEPS]
   np.testing.assert_allclose(list(_by_step(eight, 'eval/loss').values()),
-                             list(_by_step(one, 'eval/loss').values()), rtol=1e-6)
+                             list(_by_step(one, 'eval/loss').values()), rtol=rtol)
   assert ledger.read(str(tmp_path / 'eight')) == ledger.read(str(tmp_path / 'one'))
 
 

@@ -148,11 +148,22 @@ def decode(item: Any, *, size: tuple[int, int] | None, channels: int,
       name, source = name or 'encoded image', io.BytesIO(item)
     else:
       name = name or os.fspath(item)
-      # Pillow reads local files itself; a gs:// object is fetched whole (an image is small).
-      source = item if storage.is_local(item) else io.BytesIO(storage.read_bytes(item))
+      # Read whole, in one call (an image is small): Pillow parses the header of an open
+      # file with dozens of small reads, which cost more than reading the file.
+      if storage.is_local(item):
+        with open(item, 'rb') as f:
+          source = io.BytesIO(f.read())
+      else:
+        source = io.BytesIO(storage.read_bytes(item))
     try:
-      with Image.open(source) as image:
-        return _to_array(image, size, channels, box)
+      try:
+        with Image.open(source) as image:
+          return _to_array(image, size, channels, box, opened=True)
+      except _Redecode:
+        source.seek(0)
+        with Image.open(source) as image:
+          image.load()
+          return _to_array(image, size, channels, box)
     except DataError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # See probe().
@@ -169,16 +180,52 @@ def decode(item: Any, *, size: tuple[int, int] | None, channels: int,
 
 
 def _to_array(image: Image.Image, size: tuple[int, int] | None, channels: int,
-              box: BoxFn | None = None) -> np.ndarray:
+              box: BoxFn | None = None, *, opened: bool = False) -> np.ndarray:
+  """`opened`: `image` was opened here and is not loaded yet, so it may be loaded in part."""
+  mode = 'L' if channels == 1 else 'RGB'
   if box is not None:
     top, left, height, width = box(image.height, image.width)
+    if opened:
+      _load_rows(image, top + height)
     # Cropped first, not resize(box=...): that filter reaches outside the box.
     image = image.crop((left, top, left + width, top + height))
-  image = image.convert('L' if channels == 1 else 'RGB')
+  if image.mode != mode:  # convert() copies even when the mode is already right.
+    image = image.convert(mode)
   if size and image.size != (size[1], size[0]):
     image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
   array = np.asarray(image, np.uint8)
   return array[..., None] if channels == 1 else array
+
+
+def _load_rows(image: Image.Image, rows: int) -> None:
+  """Decodes only the first `rows` rows of a JPEG that is not loaded yet.
+
+  libjpeg decodes top to bottom, so the rows below a crop need not be decoded at all:
+  about a quarter of the decode for an Inception crop, and the pixels above the last row
+  are exactly those of a full decode (tests/test_data.py). TensorFlow's
+  `decode_and_crop_jpeg` stops after the crop window in the same way. Other formats, and
+  crops that reach the last row, are loaded whole by the caller's crop.
+  """
+  if (image.format != 'JPEG' or rows >= image.height or len(getattr(image, 'tile', ())) != 1
+      or image.tile[0].codec_name != 'jpeg' or image.decoderconfig):
+    return
+  tile = image.tile[0]
+  full = image.size
+  image.tile = [tile._replace(extents=(0, 0, full[0], rows))]
+  image._size = (full[0], rows)  # pylint: disable=protected-access  # What load() fills.
+  try:
+    image.load()
+  except OSError:
+    # libjpeg ends a decode stopped early with an error once the rows are in. A file that
+    # is corrupt or cut short above the crop's last row stops before that row, which then
+    # stays as allocated (zeros): decode such an image again whole, which names the error
+    # (or, for a crop that really ends in a black row, gives the same pixels).
+    if image.crop((0, rows - 1, full[0], rows)).getbbox() is None:
+      raise _Redecode() from None
+
+
+class _Redecode(Exception):
+  """The early-stopped decode of `_load_rows` cannot be trusted; decode the file whole."""
 
 
 def convert(images: np.ndarray, *, size: tuple[int, int] | None, channels: int) -> np.ndarray:
@@ -233,7 +280,7 @@ def normalize(images: np.ndarray, mean: np.ndarray | None,
 
 
 def augment(images: np.ndarray, *, seed: int, positions: np.ndarray, pad: int,
-            flip: bool) -> np.ndarray:
+            flip: bool, keys: np.ndarray | None = None) -> np.ndarray:
   """Random crop after zero padding, and random horizontal flip, on a uint8 batch.
 
   Each example's crop offset and flip come from a hash of (seed, global stream position),
@@ -245,17 +292,25 @@ def augment(images: np.ndarray, *, seed: int, positions: np.ndarray, pad: int,
     positions: int [B], global stream positions of the examples.
     pad: pixels of zero padding on each side before cropping back to H x W (0 = no crop).
     flip: whether to flip half of the examples left-right.
+    keys: `example_keys(seed, positions)`, if the caller has them already.
+
+  Returns:
+    uint8 [B, H, W, C]; with flips alone, possibly a view of `images` (reversed strides).
   """
   if not pad and not flip:
     return images
   b, h, w, _ = images.shape
-  keys = example_keys(seed, positions)
+  keys = example_keys(seed, positions) if keys is None else keys
   if not pad:
-    # Flip alone: a reversed copy of the chosen rows costs a fifth of the gather below.
+    # Flip alone. One example at a time (decoded images), a flip is a view: the batch
+    # that stacks the examples makes the one copy. Copying here cost a tenth of a JPEG's
+    # decode and resize.
     flipped = (keys >> np.uint64(63)).astype(bool)
-    out = images.copy()
-    out[flipped] = images[flipped][:, :, ::-1]
-    return out
+    if flipped.all():
+      return images[:, :, ::-1]
+    if not flipped.any():
+      return images
+    return np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
   rows = np.broadcast_to(np.arange(h), (b, h))
   cols = np.broadcast_to(np.arange(w), (b, w))
   if pad:

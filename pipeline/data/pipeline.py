@@ -351,13 +351,12 @@ class Data:
     """The train examples at these global stream positions, each a function of (seed,
     position) alone, so a batch is the same read whole or one example at a time."""
     indices = self._order.indices(positions)
-    boxes = None
-    if self._crops.inception:
-      boxes = [self._crops.train_box(key) for key in images.example_keys(self._seed, positions)]
+    keys = images.example_keys(self._seed, positions)
+    boxes = [self._crops.train_box(key) for key in keys] if self._crops.inception else None
     inputs, labels, ok = _read(self._splits[self.train_split], indices, boxes, substitute=True)
     if self._kind == 'image':
       inputs = images.augment(inputs, seed=self._seed, positions=positions,
-                              pad=self._crop_pad, flip=self._flip)
+                              pad=self._crop_pad, flip=self._flip, keys=keys)
     return {'input': self._finish(inputs), 'label': self._labels(labels), 'index': indices,
             'skipped': (~ok).astype(np.int32)}  # Taken off by TrainIterator.
 
