@@ -19,6 +19,7 @@ OPTIMIZERS = (
     'noisy_sgd', 'optimistic_gradient_descent', 'radam', 'rmsprop', 'sgd', 'sm3', 'yogi')
 SCHEDULES = ('constant', 'warmup_cosine', 'piecewise')
 DTYPES = ('float32', 'bfloat16')
+LSTM_POOLINGS = ('last', 'mean', 'max')  # Over time: last real step, or over real tokens.
 PARALLELISM = ('jit', 'pmap')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
@@ -118,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 128  # lstm: embedding size.
   c.model.lstm_sizes = (128,)  # lstm: hidden size of each stacked LSTM layer.
   c.model.lstm_dense_size = 0  # lstm: dense+relu between stacked layers (0 = none).
+  c.model.lstm_bidirectional = False  # lstm: each layer also reads the sequence backwards.
+  c.model.lstm_pooling = 'last'  # lstm: one of LSTM_POOLINGS over the last layer's outputs.
+  c.model.lstm_dropout_rate = 0.0  # lstm: dropout on the embeddings and before the head.
 
   c.optimizer = _Section(section='optimizer')
   c.optimizer.name = 'adamw'  # One of OPTIMIZERS.
@@ -323,6 +327,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
   _check_choice(config, 'data.name', tuple(sources.SOURCES))
   _check_choice(config, 'model.dtype', DTYPES)
   _check_choice(config, 'model.stem', ('small', 'imagenet'))
+  _check_choice(config, 'model.lstm_pooling', LSTM_POOLINGS)
   _check_choice(config, 'optimizer.name', OPTIMIZERS)
   _check_choice(config, 'optimizer.schedule', SCHEDULES)
   _check_choice(config, 'parallelism', PARALLELISM)
@@ -347,7 +352,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.noise_eta', 'early_stopping.min_delta', 'data.random_crop_pad',
       'data.image_size', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
-      'model.lstm_dense_size', 'profile.server_port', 'watchdog.timeout_s')
+      'model.lstm_dense_size', 'model.lstm_dropout_rate', 'profile.server_port', 'watchdog.timeout_s')
   _check_model(config)
   _check_loss(config)
   _check_metrics(config)
@@ -366,6 +371,9 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
           f'needs one scale per boundary {tuple(config.optimizer.boundaries)}')
   if not all(s > 0 for s in config.model.lstm_sizes) or not config.model.lstm_sizes:
     _fail('model.lstm_sizes', config.model.lstm_sizes, 'expected one or more positive sizes')
+  if config.model.lstm_dropout_rate >= 1:
+    _fail('model.lstm_dropout_rate', config.model.lstm_dropout_rate,
+          'must be below 1 (1 would drop every feature)')
 
   data_par, fsdp = mesh_shape(config, num_devices)
   dcn = config.mesh.dcn_data

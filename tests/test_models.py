@@ -168,8 +168,13 @@ def test_eval_uses_running_averages_and_no_dropout():
   np.testing.assert_array_equal(train(0), train(0))
 
 
-def test_lstm_ignores_trailing_padding():
-  config = _config('lstm')
+# The book's model, and the pooled bidirectional ones (whose backward pass starts at the
+# last real token, so a token added at the end changes even a max over time).
+@pytest.mark.parametrize('bidirectional,pooling', [
+    (False, 'last'), (True, 'mean'), (True, 'max')])
+def test_lstm_ignores_trailing_padding(bidirectional, pooling):
+  config = _config('lstm', lstm_bidirectional=bidirectional, lstm_pooling=pooling,
+                   lstm_dropout_rate=0.5)  # Dropout is off in eval mode: exact equality.
   model = models.make_model(config)
   tokens = _inputs('lstm')
   tokens = tokens.at[0].set(0)  # An all-pad row must not depend on the padding either.
@@ -181,6 +186,29 @@ def test_lstm_ignores_trailing_padding():
   longer = padded.at[1, tokens.shape[1]].set(7)
   assert not np.allclose(model.apply(variables, longer, train=False)[1],
                          model.apply(variables, padded, train=False)[1])
+  if bidirectional:  # Both directions have their own cell.
+    assert {'lstm0_backward', 'lstm1_backward'} <= set(variables['params']['backbone'])
+
+
+def test_lstm_dropout_acts_in_training_only():
+  model = models.make_model(_config('lstm', lstm_bidirectional=True, lstm_pooling='max',
+                                    lstm_dropout_rate=0.5))
+  tokens = _inputs('lstm')
+  variables = _init(model, tokens)
+  train = lambda seed: model.apply(variables, tokens, train=True,
+                                   rngs={'dropout': jax.random.key(seed)})
+  assert not np.allclose(train(0), train(1))
+  np.testing.assert_array_equal(model.apply(variables, tokens, train=False),
+                                model.apply(variables, tokens, train=False))
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('lstm_pooling', 'avg', r"config.model.lstm_pooling='avg' is invalid: .*last, mean, max"),
+    ('lstm_dropout_rate', 1.0, r'config.model.lstm_dropout_rate=1.0 is invalid'),
+    ('lstm_dropout_rate', -0.1, r'config.model.lstm_dropout_rate=-0.1 is invalid')])
+def test_invalid_lstm_keys_fail_in_validate_naming_the_key(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(_config('lstm', **{key: value}), num_devices=8, num_processes=1)
 
 
 @pytest.mark.parametrize('name', ['mlp', 'cnn_bn', 'resnet_small', 'lstm'])

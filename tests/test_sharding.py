@@ -23,6 +23,7 @@ def _config(model='cnn', **overrides):
     config.model.lstm_sizes = (32, 32)
     config.model.lstm_dense_size = 16
     config.model.embed_dim = 16
+    config.model.lstm_dropout_rate = 0.0  # Dropout masks are drawn per device under pmap.
   else:
     config = fashion_mnist_cnn.get_config('smoke')
     config.data.name = 'synthetic'
