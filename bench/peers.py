@@ -59,12 +59,13 @@ _TRANSLATED = ('data.random_crop_pad', 'data.random_flip', 'data.normalize', 'da
                'data.std', 'model.hidden_size', 'model.activation', 'optimizer.learning_rate',
                'optimizer.schedule', 'optimizer.warmup_steps', 'optimizer.end_lr_fraction',
                'optimizer.weight_decay', 'optimizer.b1', 'optimizer.b2', 'optimizer.eps',
-               'optimizer.clip_grad_norm', 'train.global_batch_size', 'train.num_epochs',
+               'optimizer.clip_grad_norm', 'optimizer.label_smoothing',
+               'train.global_batch_size', 'train.num_epochs',
                'train.num_steps')
 # Keys that must keep these values: the Keras side has no translation for others.
 _REQUIRED = {'data.name': 'fashion_mnist', 'model.name': 'cnn', 'model.dtype': 'float32',
              'optimizer.name': 'adamw', 'optimizer.weight_decay_coupled': False,
-             'optimizer.grad_accum_steps': 1, 'optimizer.label_smoothing': 0.0,
+             'optimizer.grad_accum_steps': 1,
              'loss.name': 'softmax_cross_entropy', 'freeze': (), 'init_from': '',
              'data.classes': (), 'data.channels': 1, 'debug_nans': False,
              'enable_x64': False}
@@ -224,11 +225,27 @@ def keras_optimizer(config, num_steps: int):
   return optimizer
 
 
+def keras_loss(config):
+  """Softmax cross-entropy on integer labels, smoothed as optax smooths (1 - a) one-hot
+  + a / classes; Keras' sparse loss has no smoothing, so labels are one-hot here."""
+  import keras
+  smoothing, classes = config.optimizer.label_smoothing, config.data.num_classes
+  if not smoothing:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+  def loss(labels, logits):
+    labels = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(labels, (-1,)), 'int32'),
+                               classes)
+    return keras.losses.categorical_crossentropy(labels, logits, from_logits=True,
+                                                 label_smoothing=smoothing)
+  return loss
+
+
 def build_keras(config, fill, input_shape, devices, num_steps, spe):
   import keras
   model = keras_model(config, fill, input_shape, devices)
   model.compile(optimizer=keras_optimizer(config, num_steps),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                loss=keras_loss(config),
                 metrics=['accuracy'], jit_compile=True, steps_per_execution=spe)
   return model
 
