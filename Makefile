@@ -35,4 +35,4 @@ train: setup
 	$(PY) -m pipeline.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --durations=15 tests

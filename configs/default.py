@@ -3,7 +3,7 @@ to >= 93.5% test accuracy within 10 minutes; small ResNets are slower per point 
 
 Command:  python -m pipeline.main --config=configs/default.py --workdir=workdir
 Hardware: 2-core CPU (one device).
-Measured: 93.57% test accuracy on all 10k test images after 16 epochs; `make train` wall
+Expected: 93.57% test accuracy on all 10k test images after 16 epochs (measured); `make train` wall
 times are in the README's results table.
 Variant `:smoke` trains 30 steps for the tests.
 """

@@ -2,7 +2,7 @@
 
 Command:  python -m pipeline.main --config=configs/fashion_mnist_cnn.py --workdir=/tmp/fmnist
 Hardware: 2-core CPU (one device).
-Measured: 93.57% test accuracy (all 10k) after 16 epochs (15,000 steps), run with other jobs
+Expected: 93.57% test accuracy (all 10k) after 16 epochs (15,000 steps), measured with other jobs
 on the cores (2026-12-02); the README's results table has the idle `make train` figures.
 Recipe chosen by time to 93.5% on this CPU: at 16 epochs, learning rate 2e-3 with label
 smoothing 0.1 reached 93.57%, 1e-3 with smoothing 93.01%; the earlier 1e-3 recipe without

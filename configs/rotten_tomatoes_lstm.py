@@ -12,7 +12,7 @@ peak after 2-4 epochs, then overfit) and that model is scored on the held-out te
 
 Command:  python -m pipeline.main --config=configs/rotten_tomatoes_lstm.py --workdir=/tmp/rt
 Hardware: 2-core CPU.
-Measured (test accuracy of the val-selected model, seeds 0 / 1): default 76.09% / 76.02%
+Expected (measured test accuracy of the val-selected model, seeds 0 / 1): default 76.09% / 76.02%
 in about 57 s; `:bilstm` 76.41% / 75.94% in 165-192 s with other jobs on the cores
 (2026-12-02). The test split has ~1,280 rows (+-1.2 points between seeds): the BiLSTM is
 no better here, and neither reaches 78%. Variant `:smoke` is 30 steps for the tests.

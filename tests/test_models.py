@@ -180,6 +180,7 @@ def test_lstm_ignores_trailing_padding(bidirectional, pooling):
   tokens = tokens.at[0].set(0)  # An all-pad row must not depend on the padding either.
   variables = _init(model, tokens)
   padded = jnp.pad(tokens, ((0, 0), (0, 9)))
+  assert np.isfinite(model.apply(variables, tokens, train=False)).all()
   np.testing.assert_array_equal(model.apply(variables, tokens, train=False),
                                 model.apply(variables, padded, train=False))
   # Changing a pad position into a real token does change the logits.
