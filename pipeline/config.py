@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-MODELS = ('mlp', 'cnn', 'cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small', 'lstm')
+MODELS = ('mlp', 'cnn', 'cnn_bn', 'resnet18', 'resnet34', 'resnet50', 'resnet_small', 'lstm',
+          'ngrams')
 OPTIMIZERS = (
     'adabelief', 'adafactor', 'adagrad', 'adam', 'adamw', 'dpsgd', 'fromage', 'lamb', 'lars',
     'noisy_sgd', 'optimistic_gradient_descent', 'radam', 'rmsprop', 'sgd', 'sm3', 'yogi')
@@ -114,14 +115,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stage_sizes = (1, 1, 1)  # resnet_small: residual blocks per stage.
   c.model.stem = 'small'  # ResNet stem: 'small' (3x3 conv) or 'imagenet' (7x7/2 + max-pool).
   c.model.zero_init_residual = False  # ResNet: each block's last BatchNorm scale starts at 0.
-  c.model.dropout_rate = 0.5  # cnn_bn: dropout before the classifier.
+  c.model.dropout_rate = 0.5  # cnn_bn, ngrams: dropout before the classifier.
   c.model.hidden_size = 256  # mlp/cnn: width of the dense hidden layer.
-  c.model.embed_dim = 128  # lstm: embedding size.
+  c.model.embed_dim = 128  # lstm, ngrams: embedding size.
   c.model.lstm_sizes = (128,)  # lstm: hidden size of each stacked LSTM layer.
   c.model.lstm_dense_size = 0  # lstm: dense+relu between stacked layers (0 = none).
   c.model.lstm_bidirectional = False  # lstm: each layer also reads the sequence backwards.
   c.model.lstm_pooling = 'last'  # lstm: one of LSTM_POOLINGS over the last layer's outputs.
   c.model.lstm_dropout_rate = 0.0  # lstm: dropout on the embeddings and before the head.
+  c.model.ngram_buckets = 2**18  # ngrams: hashed bigram embeddings (0 = unigrams only).
 
   c.optimizer = _Section(section='optimizer')
   c.optimizer.name = 'adamw'  # One of OPTIMIZERS.
@@ -352,7 +354,8 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'optimizer.noise_eta', 'early_stopping.min_delta', 'data.random_crop_pad',
       'data.image_size', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
-      'model.lstm_dense_size', 'model.lstm_dropout_rate', 'profile.server_port', 'watchdog.timeout_s')
+      'model.lstm_dense_size', 'model.lstm_dropout_rate', 'model.ngram_buckets',
+      'profile.server_port', 'watchdog.timeout_s')
   _check_model(config)
   _check_loss(config)
   _check_metrics(config)
@@ -371,9 +374,9 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
           f'needs one scale per boundary {tuple(config.optimizer.boundaries)}')
   if not all(s > 0 for s in config.model.lstm_sizes) or not config.model.lstm_sizes:
     _fail('model.lstm_sizes', config.model.lstm_sizes, 'expected one or more positive sizes')
-  if config.model.lstm_dropout_rate >= 1:
-    _fail('model.lstm_dropout_rate', config.model.lstm_dropout_rate,
-          'must be below 1 (1 would drop every feature)')
+  for key in ('dropout_rate', 'lstm_dropout_rate'):
+    if config.model[key] >= 1:
+      _fail(f'model.{key}', config.model[key], 'must be below 1 (1 would drop every feature)')
 
   data_par, fsdp = mesh_shape(config, num_devices)
   dcn = config.mesh.dcn_data

@@ -25,6 +25,7 @@ def _config(name, **model):
   config.model.embed_dim = 8
   config.model.lstm_sizes = (8, 6)
   config.model.lstm_dense_size = 5
+  config.model.ngram_buckets = 64
   config.data.vocab_size = 50
   config.data.num_classes = 3
   for key, value in model.items():
@@ -34,7 +35,7 @@ def _config(name, **model):
 
 def _inputs(name, batch=4):
   rng = np.random.default_rng(0)
-  if name == 'lstm':
+  if name in ('lstm', 'ngrams'):
     tokens = rng.integers(1, 50, size=(batch, 7))
     for row, length in enumerate(rng.integers(1, 7, size=batch)):
       tokens[row, length:] = 0
@@ -138,7 +139,7 @@ def _train_step_changes_everything(model, x, has_batch_stats):
 # resnet18/34 are resnet_small with other stage sizes; compiling them takes many seconds.
 @pytest.mark.parametrize('name, stem', [
     ('mlp', 'small'), ('cnn', 'small'), ('cnn_bn', 'small'), ('resnet_small', 'small'),
-    ('resnet_small', 'imagenet'), ('lstm', 'small')])
+    ('resnet_small', 'imagenet'), ('lstm', 'small'), ('ngrams', 'small')])
 def test_one_train_step_changes_every_parameter_and_batch_stat(name, stem):
   model = models.make_model(_config(name, stem=stem))
   _train_step_changes_everything(model, _inputs(name), name in BN_MODELS)
@@ -212,7 +213,36 @@ def test_invalid_lstm_keys_fail_in_validate_naming_the_key(key, value, message):
     config_lib.validate(_config('lstm', **{key: value}), num_devices=8, num_processes=1)
 
 
-@pytest.mark.parametrize('name', ['mlp', 'cnn_bn', 'resnet_small', 'lstm'])
+@pytest.mark.parametrize('buckets', [0, 64])
+def test_ngrams_pool_real_tokens_and_bigrams_only(buckets):
+  model = models.make_model(_config('ngrams', ngram_buckets=buckets, dropout_rate=0.5))
+  tokens = _inputs('ngrams').at[0].set(0)  # An all-pad row too.
+  variables = _init(model, tokens)
+  logits = lambda x: model.apply(variables, x, train=False)
+  padded = jnp.pad(tokens, ((0, 0), (0, 9)))
+  assert np.isfinite(logits(tokens)).all()
+  np.testing.assert_allclose(logits(tokens), logits(padded), rtol=1e-6, atol=1e-6)
+  embedding = variables['params']['backbone']['embed']['embedding']
+  assert embedding.shape == (50 + buckets, 8)
+  # Word order reaches the logits through the bigrams alone.
+  row = jnp.asarray([[5, 9, 17, 0]], jnp.int32)
+  swapped = jnp.asarray([[9, 5, 17, 0]], jnp.int32)
+  assert np.allclose(logits(row), logits(swapped), atol=1e-6) == (buckets == 0)
+  # Dropout acts in training only.
+  train = lambda seed: model.apply(variables, tokens, train=True,
+                                   rngs={'dropout': jax.random.key(seed)})
+  assert not np.allclose(train(0), train(1))
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('ngram_buckets', -1, r'config.model.ngram_buckets=-1 is invalid'),
+    ('dropout_rate', 1.0, r'config.model.dropout_rate=1.0 is invalid')])
+def test_invalid_ngram_keys_fail_in_validate_naming_the_key(key, value, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(_config('ngrams', **{key: value}), num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize('name', ['mlp', 'cnn_bn', 'resnet_small', 'lstm', 'ngrams'])
 def test_bfloat16_computes_in_bfloat16_with_float32_params(name):
   model = models.make_model(_config(name, dtype='bfloat16'))
   x = _inputs(name)
@@ -222,7 +252,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params(name):
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
   inner = state['intermediates']['backbone']
   # The LSTM keeps its cell state in float32 (see lstm.py); its embedding is bfloat16.
-  activation = inner['embed']['__call__'][0] if name == 'lstm' else inner['__call__'][0]
+  activation = inner['embed']['__call__'][0] if name in ('lstm', 'ngrams') else inner['__call__'][0]
   assert activation.dtype == jnp.bfloat16
   assert state['intermediates']['head']['__call__'][0].dtype == jnp.bfloat16
 

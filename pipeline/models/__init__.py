@@ -24,6 +24,7 @@ from pipeline.models import cnn
 from pipeline.models import imported
 from pipeline.models import lstm
 from pipeline.models import mlp
+from pipeline.models import ngrams
 from pipeline.models import resnet
 
 _MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
@@ -38,6 +39,7 @@ _MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
         resnet.from_config, stage_sizes=(3, 4, 6, 3), block='bottleneck'),
     'resnet_small': functools.partial(resnet.from_config, block='basic'),
     'lstm': lstm.from_config,
+    'ngrams': ngrams.from_config,
 }
 
 # Models whose training normalizes each batch by its own statistics.
