@@ -15,7 +15,8 @@ Hardware: 2-core CPU.
 Expected (measured test accuracy of the val-selected model, seeds 0 / 1): default 76.09% / 76.02%
 in about 57 s; `:bilstm` 76.41% / 75.94% in 165-192 s with other jobs on the cores
 (2026-12-02). The test split has ~1,280 rows (+-1.2 points between seeds): the BiLSTM is
-no better here, and neither reaches 78%; configs/rotten_tomatoes.py's bag of n-grams does. Variant `:smoke` is 30 steps for the tests.
+no better here, and neither reaches 78%; configs/rotten_tomatoes.py's bag of n-grams does.
+Variant `:smoke` is 30 steps for the tests.
 """
 
 from pipeline import config as config_lib
