@@ -46,7 +46,7 @@ class NgramBackbone(nn.Module):
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     real_BL = tokens != 0
     ids_BN, real_BN = tokens, real_BL
-    if self.buckets and tokens.shape[1] > 1:
+    if self.buckets:  # A one-token row has no pairs: the bigram arrays are empty.
       # A bigram is real when both its tokens are: padding never forms one.
       ids_BN = jnp.concatenate([tokens, self.vocab_size + bigram_buckets(tokens, self.buckets)],
                                axis=1)
