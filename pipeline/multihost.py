@@ -125,7 +125,8 @@ def initialize() -> None:
   num_processes = _flag(_NUM_PROCESSES)
   process_id = _flag(_PROCESS_ID)
   cluster = detected_cluster()
-  if cluster is None and address is None and num_processes in (None, 1) and not process_id:
+  alone = cluster is None and address is None and num_processes in (None, 1) and not process_id
+  if alone:
     # A plain machine: a one-process cluster only to get the preemption sync manager.
     address, num_processes, process_id = f'127.0.0.1:{_free_port()}', 1, 0
   elif cluster is None and (address is None or num_processes is None or process_id is None):
@@ -136,6 +137,11 @@ def initialize() -> None:
         'No cluster environment (TPU VM, SLURM, Open MPI) detected, so a multi-process '
         f'run needs all three flags; missing: {", ".join(missing)}.')
 
+  if alone and not xla_bridge.backends_are_initialized():
+    # With a distributed client, JAX's CPU backend does every collective through gloo's
+    # TCP sockets, also those among one process's own devices: on 8 fake CPU devices
+    # the default CNN trained at 580 examples/s that way, 1,870 in-process.
+    jax.config.update('jax_cpu_collectives_implementation', None)
   if xla_bridge.backends_are_initialized():
     # Something ran JAX before us (a test, a notebook). A lone process can carry on
     # without the runtime; only preemption sync is lost. A real job cannot.
