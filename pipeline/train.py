@@ -112,6 +112,14 @@ class Trainer:
     # With steps_per_call > 1 every call, a shorter one too, scans stacked batches.
     self.stacked = config.train.steps_per_call > 1
     self.unrolled = self.stacked and jax.default_backend() == 'cpu'  # See steps.scan_steps.
+    if self.unrolled and jax.local_device_count() > 1:
+      # Measured, not derived: the unrolled call slows with its length once a process has
+      # several CPU devices (bench/peers.py, README); on one device it is faster.
+      logging.warning(
+          'train.steps_per_call=%d runs unrolled on %d CPU devices in this process, where '
+          'calls of several steps measured slower than single steps (the default CNN on 8 '
+          'fake devices: 1,543 vs 1,936 examples/s); --config.train.steps_per_call=1 may '
+          'train faster here.', config.train.steps_per_call, jax.local_device_count())
     self.train_fn = self.parallel.compile_train_step(
         steps.scan_steps(step_fn, unroll=self.unrolled) if self.stacked else step_fn,
         self.abstract_state, stacked=self.stacked)

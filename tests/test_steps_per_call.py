@@ -50,16 +50,20 @@ def _by_step(records, key):
 
 
 @pytest.mark.parametrize('parallelism', ['jit', 'pmap'])
-def test_eight_steps_per_call_give_the_losses_of_one(tmp_path, monkeypatch, parallelism):
+def test_eight_steps_per_call_give_the_losses_of_one(tmp_path, monkeypatch, caplog,
+                                                     parallelism):
   config = _config(1)
   config.parallelism = parallelism
   one = _run(config, tmp_path / 'one')
+  assert 'runs unrolled on' not in caplog.text
   # Lengths 8, 2 and 3: one trace (and compile) each, however many calls.
   monkeypatch.setattr(steps, 'train_step', chex.assert_max_traces(steps.train_step, n=3))
   chex.clear_trace_counter()
   config = _config(8)
   config.parallelism = parallelism
   eight = _run(config, tmp_path / 'eight')
+  # Several CPU devices in one process: the user is told that K = 1 may be faster there.
+  assert 'train.steps_per_call=8 runs unrolled on 8 CPU devices' in caplog.text
   losses_one, losses_eight = _by_step(one, 'train/loss'), _by_step(eight, 'train/loss')
   assert sorted(losses_eight) == sorted(losses_one) == list(range(1, NUM_STEPS + 1))
   # On the CPU the K steps are unrolled (steps.scan_steps), and XLA compiles the 8-step
