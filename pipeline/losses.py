@@ -54,9 +54,7 @@ class Loss:
 
 
 def _correct(logits, labels):
-  # float32, not bool: CLU sums a bool output as int32, and on several devices that sum
-  # needs an all-reduce of its own; as float32 it joins the gradients' single one.
-  return {'correct': (logits.argmax(-1) == labels).astype(jnp.float32)}
+  return {'correct': logits.argmax(-1) == labels}
 
 
 def softmax_cross_entropy(num_classes: int, label_smoothing: float = 0.0) -> Loss:
@@ -80,7 +78,7 @@ def sigmoid_binary_cross_entropy(num_classes: int, label_smoothing: float = 0.0)
     return optax.sigmoid_binary_cross_entropy(logits[:, 0].astype(jnp.float32), targets)
 
   def quality(logits, labels):
-    return {'correct': ((logits[:, 0] > 0).astype(labels.dtype) == labels).astype(jnp.float32)}
+    return {'correct': (logits[:, 0] > 0).astype(labels.dtype) == labels}
 
   def predict(logits):
     # Two columns, like softmax's, so predict mode and the misclassified grid need no case.

@@ -191,6 +191,10 @@ def scan_steps(step_fn: Callable, *, unroll: bool = False) -> Callable:
 
 def _collect(collection, axis_name: str | None, **outputs):
   """Metrics over the whole global batch: under pmap they are gathered across devices."""
+  # Booleans (`correct`) as float32: CLU sums a bool as int32, and on several devices that
+  # sum needs an all-reduce of its own; as float32 it joins the gradients' single one.
+  outputs = {k: v.astype(jnp.float32) if getattr(v, 'dtype', None) == jnp.bool_ else v
+             for k, v in outputs.items()}  # (A constant learning rate is a Python float.)
   if axis_name is None:
     return collection.single_from_model_output(**outputs)
   return collection.gather_from_model_output(axis_name=axis_name, **outputs)
