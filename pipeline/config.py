@@ -194,6 +194,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_data = 1  # Slices (processes where there are none) the data axis spans; 1 = one.
   c.parallelism = 'jit'  # One of PARALLELISM: jit over a Mesh, or the pmap fallback.
   c.fsdp = False  # Shard params and optimizer state over the fsdp axis.
+  # fsdp: arrays of fewer elements stay replicated. Each sharded array costs collectives
+  # every step (gather before use, reduce after), whose latency outweighs the update a
+  # small one saves: 8 fake CPU devices, the default CNN, 2,650 examples/s with only its
+  # 802k-element dense kernel sharded against 1,990 with every array sharded.
+  c.fsdp_min_size = 2**16
 
   c.checkpoint = _Section(section='checkpoint')
   c.checkpoint.every_steps = 500  # Save every this many steps (and at the end).
@@ -355,7 +360,7 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
       'data.image_size', 'data.prefetch_threads',
       'data.validation_fraction', 'data.test_fraction', 'model.dropout_rate',
       'model.lstm_dense_size', 'model.lstm_dropout_rate', 'model.ngram_buckets',
-      'profile.server_port', 'watchdog.timeout_s')
+      'profile.server_port', 'watchdog.timeout_s', 'fsdp_min_size')
   _check_model(config)
   _check_loss(config)
   _check_metrics(config)

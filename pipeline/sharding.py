@@ -9,10 +9,12 @@ Flax-examples pattern: replicated state, a leading device axis on batches).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 from flax import jax_utils
 import jax
+import jax.numpy as jnp
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 import numpy as np
@@ -62,9 +64,10 @@ def make_mesh(config, devices=None) -> Mesh:
   return Mesh(grid, BATCH_AXES, axis_types=axis_types)
 
 
-def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-  """Shards the largest dimension divisible by the fsdp size; replicates the rest."""
-  if fsdp_size == 1:
+def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+  """Shards the largest dimension divisible by the fsdp size of an array of at least
+  `min_size` elements; replicates the rest."""
+  if fsdp_size == 1 or math.prod(shape) < min_size:
     return P()
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp_size == 0 and shape[dim] >= fsdp_size:
@@ -80,7 +83,7 @@ class Parallel:
 
   def __init__(self, config, devices=None):
     self.mesh = make_mesh(config, devices)
-    self.fsdp = config.fsdp
+    self.fsdp, self.fsdp_min_size = config.fsdp, config.fsdp_min_size
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
     # A stack of batches for several steps in one call: the step axis stays whole.
     self.stacked_sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
@@ -92,7 +95,8 @@ class Parallel:
   def state_shardings(self, abstract_state: Any) -> Any:
     fsdp_size = self.mesh.shape['fsdp'] if self.fsdp else 1
     return jax.tree.map(
-        lambda x: NamedSharding(self.mesh, _fsdp_spec(x.shape, fsdp_size)), abstract_state)
+        lambda x: NamedSharding(self.mesh, _fsdp_spec(x.shape, fsdp_size, self.fsdp_min_size)),
+        abstract_state)
 
   def abstract_state(self, init_fn: Callable[[], Any]) -> Any:
     """Shapes, dtypes and target shardings of the state, computed without any FLOPs."""
@@ -118,12 +122,23 @@ class Parallel:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
   def compile_train_step(self, step_fn: Callable, abstract_state: Any,
-                         stacked: bool = False) -> Callable:
-    """`step_fn` under jit, donating the state; `stacked`: it takes stacked batches."""
+                         stacked: bool = False, indexed: bool = False) -> Callable:
+    """`step_fn` under jit, donating the state; `stacked`: it takes stacked batches;
+    `indexed`: and then the index of the one it steps on."""
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     batch_sharding = self.stacked_sharding if stacked else self.batch_sharding
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding)
+                   + ((self.replicated,) if indexed else ()),
                    out_shardings=(shardings, self.replicated), donate_argnums=0)
+
+  def step_index(self, index: int) -> jax.Array:
+    """`index` as the indexed train step takes it (`compile_train_step(indexed=True)`)."""
+    return jax.device_put(np.int32(index), self.replicated)
+
+  def stack_metrics(self, metrics: list[Any]) -> Any:
+    """The metrics of steps dispatched one by one, joined as a scan's are: on a last axis
+    (every field is a scalar per step, after pmap's device axis)."""
+    return _stack_last(*metrics)
 
   def executable(self, compiled: jax.stages.Compiled) -> Callable:
     """The compiled train step (`compile_train_step(...).lower(...).compile()`) as the
@@ -237,9 +252,14 @@ class PmapParallel(Parallel):
       return np.swapaxes(v.reshape(v.shape[0], n, v.shape[1] // n, *v.shape[2:]), 0, 1)
     return {k: jax.device_put(split(v), self._stacked) for k, v in batch.items()}
 
+  def step_index(self, index: int) -> jax.Array:
+    # One per local device, a mapped input like the others (multi-process calls convert
+    # every argument alike).
+    return jax.device_put(np.full(len(self.local_devices), index, np.int32), self._stacked)
+
   def compile_train_step(self, step_fn: Callable, abstract_state: Any,
-                         stacked: bool = False) -> Callable:
-    del stacked  # The mapped function sees its device's rows of either layout.
+                         stacked: bool = False, indexed: bool = False) -> Callable:
+    del stacked, indexed  # The mapped function sees its device's rows of any layout.
     return jax.pmap(functools.partial(step_fn, axis_name=self.axis_name),
                     axis_name=self.axis_name, devices=self.devices, donate_argnums=0)
 
@@ -269,6 +289,11 @@ class PmapParallel(Parallel):
   def host_metrics(self, metrics: Any) -> Any:
     # Gathered metrics are identical on every device; one copy is the global value.
     return jax.device_get(jax_utils.unreplicate(metrics))
+
+
+@jax.jit
+def _stack_last(*trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *trees)
 
 
 def make_parallel(config, devices=None) -> Parallel:

@@ -189,6 +189,16 @@ def scan_steps(step_fn: Callable, *, unroll: bool = False) -> Callable:
   return steps
 
 
+def indexed_step(step_fn: Callable) -> Callable:
+  """`step_fn` (state, batch) -> (state, metrics) made into (state, batches, index): the
+  step on `batches[index]`, the stacked batches of a call of several steps."""
+  def step(state, batches, index, **kwargs):
+    batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
+                         batches)
+    return step_fn(state, batch, **kwargs)
+  return step
+
+
 def _collect(collection, axis_name: str | None, **outputs):
   """Metrics over the whole global batch: under pmap they are gathered across devices."""
   # Booleans (`correct`) as float32: CLU sums a bool as int32, and on several devices that

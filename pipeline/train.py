@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -39,6 +40,11 @@ def num_train_steps(config, train_size: int) -> int:
     return max(1, math.ceil(config.train.num_epochs * train_size
                             / config.train.global_batch_size))
   return config.train.num_steps
+
+
+def dispatches_steps() -> bool:
+  """Whether a call of several steps dispatches them one by one (see Trainer)."""
+  return jax.default_backend() == 'cpu' and jax.local_device_count() > 1
 
 
 def _host_metrics(parallel, window: list[tuple[list[int], Any]],
@@ -109,21 +115,28 @@ class Trainer:
         grad_accum_steps=config.optimizer.grad_accum_steps,
         per_example_grads=optim.needs_per_example_grads(config),
         frozen=tuple(config.freeze))
-    # With steps_per_call > 1 every call, a shorter one too, scans stacked batches.
+    # With steps_per_call > 1 every call, a shorter one too, takes stacked batches. An
+    # accelerator or one CPU device runs them in one compiled call (a scan; unrolled on
+    # the CPU, see steps.scan_steps). Several CPU devices in a process dispatch the call's
+    # steps one by one on its stacked batches instead: there, measured, the unrolled call
+    # slows with its length (the default CNN on 8 fake devices, the step alone: K = 8
+    # 1,660 examples/s against K = 1 2,040), while dispatching keeps the step's speed and
+    # still stacks, transfers and checks K steps at a time (bench/peers.py, README).
     self.stacked = config.train.steps_per_call > 1
-    self.unrolled = self.stacked and jax.default_backend() == 'cpu'  # See steps.scan_steps.
-    if self.unrolled and jax.local_device_count() > 1:
-      # Measured, not derived: the unrolled call slows with its length once a process has
-      # several CPU devices (bench/peers.py, README); on one device it is faster.
-      logging.warning(
-          'train.steps_per_call=%d runs unrolled on %d CPU devices in this process, where '
-          'calls of several steps measured slower than single steps (the default CNN on 8 '
-          'fake devices: 1,543 vs 1,936 examples/s); --config.train.steps_per_call=1 may '
-          'train faster here.', config.train.steps_per_call, jax.local_device_count())
-    self.train_fn = self.parallel.compile_train_step(
-        steps.scan_steps(step_fn, unroll=self.unrolled) if self.stacked else step_fn,
-        self.abstract_state, stacked=self.stacked)
+    self.dispatched = self.stacked and dispatches_steps()
+    self.unrolled = self.stacked and not self.dispatched and jax.default_backend() == 'cpu'
+    if self.dispatched:
+      logging.info('Calls of %d steps dispatch their steps one by one (%d CPU devices in '
+                   'this process).', config.train.steps_per_call, jax.local_device_count())
+      fn = steps.indexed_step(step_fn)
+    else:
+      fn = steps.scan_steps(step_fn, unroll=self.unrolled) if self.stacked else step_fn
+    self.train_fn = self.parallel.compile_train_step(fn, self.abstract_state,
+                                                     stacked=self.stacked,
+                                                     indexed=self.dispatched)
     self._executables: dict[int, Any] = {}  # Steps per call -> its compiled executable.
+    self._indices: list[jax.Array] = []
+    self._in_flight: collections.deque[Any] = collections.deque()  # Dispatched steps' metrics.
     self.eval_step = self.parallel.compile_eval_step(
         functools.partial(steps.eval_step, loss=eval_loss), self.abstract_state)
     self.predict_step = self.parallel.compile_predict_step(
@@ -144,7 +157,7 @@ class Trainer:
     """Compiles the call of `length` steps for these shapes ahead of time; returns the
     model FLOPs of one step. Calling the executable can never retrace or recompile.
     """
-    lowered = self.train_fn.lower(state, batch)
+    lowered = self.train_fn.lower(state, batch, *self._index_args(1))
     compiled = lowered.compile()
     self._executables[length] = self.parallel.executable(compiled)
     # FLOPs of the lowered module: on GPU the compiled one hides convolutions in cuDNN
@@ -154,9 +167,28 @@ class Trainer:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get('flops', 0.0)) / (length if self.unrolled else 1)
 
+  def _index_args(self, length: int) -> list[jax.Array]:
+    """The step indices a dispatched call passes, on the devices once (none otherwise)."""
+    if not self.dispatched:
+      return []
+    if len(self._indices) < length:
+      self._indices = [self.parallel.step_index(i) for i in range(length)]
+    return self._indices[:length]
+
   def train_step(self, state: steps.TrainState, batch: Any, length: int):
     """`length` optimizer steps on `batch` (stacked when `self.stacked`)."""
-    return self._executables[length](state, batch)
+    run = self._executables[length]
+    if not self.dispatched:
+      return run(state, batch)
+    metrics = []
+    for index in self._index_args(length):
+      # As TrainWindow.push bounds the calls in flight, since each step is one here.
+      if len(self._in_flight) >= TrainWindow.IN_FLIGHT:
+        jax.block_until_ready(self._in_flight.popleft())
+      state, step_metrics = run(state, batch, index)
+      self._in_flight.append(step_metrics)
+      metrics.append(step_metrics)
+    return state, self.parallel.stack_metrics(metrics)
 
   def evaluate(self, state: steps.TrainState, split: str | None = None,
                stop=None) -> dict[str, float] | None:
@@ -270,9 +302,10 @@ class TrainWindow:
 
   A fetch per step makes the host wait for every step, and on an accelerator the wait and
   the transfers cost more than a small model's step (bench/gpu_loops.py). `push` only
-  waits for the step `IN_FLIGHT` back, so the host stays that far ahead and no further
-  (about 30 queued steps with collectives aborted XLA's CPU rendezvous); `drain` fetches
-  the window in one transfer and checks the losses.
+  waits for the call `IN_FLIGHT` back, so the host stays that far ahead and no further
+  (about 30 queued executions with collectives aborted XLA's CPU rendezvous; a dispatched
+  call's steps are bounded alike in Trainer.train_step); `drain` fetches the window in
+  one transfer and checks the losses.
   """
   IN_FLIGHT = 3
 

@@ -195,7 +195,10 @@ def test_pmap_across_processes_matches_jit_and_checkpoints_cross_modes(tmp_path,
   # pmap x 2 processes -> jit x 1 process, and jit x 1 process -> pmap x 2 processes.
   _one_process(pmap, '--config.train.num_steps=14')
   jit_copy = _resume_copy(one, str(tmp_path / 'jit_then_pmap'))
-  _two_processes(jit_copy, '--config.train.num_steps=14', '--config.parallelism=pmap')
+  # The 4 resumed steps in one call: 4 CPU devices per process dispatch its steps one by
+  # one (train.Trainer), the index a mapped argument of each process like the batch.
+  _two_processes(jit_copy, '--config.train.num_steps=14', '--config.parallelism=pmap',
+                 '--config.train.steps_per_call=4')
   into_jit, into_pmap = _jsonl_losses(pmap), _jsonl_losses(jit_copy)
   assert sorted(into_jit) == sorted(into_pmap) == list(range(1, 15))
   np.testing.assert_allclose([into_jit[s] for s in range(11, 15)],

@@ -64,8 +64,19 @@ def test_mesh_shapes_and_fsdp_give_the_same_losses(mesh, fsdp):
     mu = state.opt_state  # Optimizer moments follow their parameter's sharding.
     specs = {leaf.sharding.spec for leaf in jax.tree.leaves(mu) if leaf.shape == kernel.shape}
     assert specs == {P('fsdp', None)}
+    # Below fsdp_min_size (2**16 elements) an array stays whole: its collectives would
+    # cost more than its update saves.
+    assert state.params['backbone']['Dense_0']['bias'].sharding.is_fully_replicated
   else:
     assert kernel.sharding.is_fully_replicated
+
+
+def test_fsdp_shards_the_largest_divisible_dimension_of_arrays_above_the_minimum():
+  assert sharding._fsdp_spec((3136, 256), 8, 2**16) == P('fsdp', None)
+  assert sharding._fsdp_spec((3, 3, 32, 64), 8, 2**16) == P()  # 18,432 elements.
+  assert sharding._fsdp_spec((3, 3, 32, 64), 8, 0) == P(None, None, None, 'fsdp')
+  assert sharding._fsdp_spec((10, 250), 8, 0) == P()  # Nothing divisible by 8.
+  assert sharding._fsdp_spec((3136, 256), 1, 0) == P()
 
 
 def test_gradient_accumulation_equals_the_big_batch():

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import logging
+
 import chex
 import jax
 import numpy as np
@@ -49,37 +51,49 @@ def _by_step(records, key):
   return {r['step']: r[key] for r in records if key in r}
 
 
+@pytest.mark.parametrize('dispatched', [True, False], ids=['dispatched', 'scanned'])
 @pytest.mark.parametrize('parallelism', ['jit', 'pmap'])
 def test_eight_steps_per_call_give_the_losses_of_one(tmp_path, monkeypatch, caplog,
-                                                     parallelism):
+                                                     parallelism, dispatched):
+  caplog.set_level(logging.INFO)
   config = _config(1)
   config.parallelism = parallelism
   one = _run(config, tmp_path / 'one')
-  assert 'runs unrolled on' not in caplog.text
+  # 8 CPU devices in this process dispatch a call's steps one by one (train.Trainer); an
+  # accelerator's devices scan them in one compiled call, which the CPU can run too.
+  if not dispatched:
+    monkeypatch.setattr(train, 'dispatches_steps', lambda: False)
   # Lengths 8, 2 and 3: one trace (and compile) each, however many calls.
   monkeypatch.setattr(steps, 'train_step', chex.assert_max_traces(steps.train_step, n=3))
   chex.clear_trace_counter()
   config = _config(8)
   config.parallelism = parallelism
   eight = _run(config, tmp_path / 'eight')
-  # Several CPU devices in one process: the user is told that K = 1 may be faster there.
-  assert 'train.steps_per_call=8 runs unrolled on 8 CPU devices' in caplog.text
+  assert (('Calls of 8 steps dispatch their steps one by one (8 CPU devices' in caplog.text)
+          == dispatched)
   losses_one, losses_eight = _by_step(one, 'train/loss'), _by_step(eight, 'train/loss')
   assert sorted(losses_eight) == sorted(losses_one) == list(range(1, NUM_STEPS + 1))
-  # On the CPU the K steps are unrolled (steps.scan_steps), and XLA compiles the 8-step
-  # program's convolutions apart from the 1-step one's. Under pmap the rounding that leaves
-  # grows to 1.3e-6 by step 13 (steps 1-12 within 1e-6; eval loss at step 13 1.03e-6;
-  # measured 2026-12-02).
-  rtol = 1e-6 if parallelism == 'jit' else 2e-6
-  np.testing.assert_allclose([losses_eight[s] for s in losses_one],
-                             list(losses_one.values()), rtol=rtol)
+  if dispatched:  # The compiled step of K = 1 on slices of the stacked batches.
+    rtol = 0.0
+    assert losses_eight == losses_one
+  else:
+    # On the CPU the K steps are unrolled (steps.scan_steps), and XLA compiles the 8-step
+    # program's convolutions apart from the 1-step one's. Under pmap the rounding that
+    # leaves grows to 1.3e-6 by step 13 (steps 1-12 within 1e-6; eval loss at step 13
+    # 1.03e-6; measured 2026-12-02).
+    rtol = 1e-6 if parallelism == 'jit' else 2e-6
+    np.testing.assert_allclose([losses_eight[s] for s in losses_one],
+                               list(losses_one.values()), rtol=rtol)
   assert sorted(_by_step(eight, 'eval/loss')) == [10, NUM_STEPS]
   np.testing.assert_allclose(list(_by_step(eight, 'eval/loss').values()),
                              list(_by_step(one, 'eval/loss').values()), rtol=rtol)
   assert ledger.read(str(tmp_path / 'eight')) == ledger.read(str(tmp_path / 'one'))
 
 
-def test_a_non_finite_loss_inside_a_call_names_its_step(tmp_path):
+@pytest.mark.parametrize('dispatched', [True, False], ids=['dispatched', 'scanned'])
+def test_a_non_finite_loss_inside_a_call_names_its_step(tmp_path, monkeypatch, dispatched):
+  if not dispatched:
+    monkeypatch.setattr(train, 'dispatches_steps', lambda: False)
   config = _config(8, optimizer__learning_rate=1e30, optimizer__schedule='constant')
   # Step 1's loss is of the initial weights; its update makes step 2's loss NaN.
   with pytest.raises(FloatingPointError, match=r'Non-finite training loss nan at step 2;'):
