@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from flax import jax_utils
 import jax
-import jax.numpy as jnp
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 import numpy as np
@@ -134,11 +133,6 @@ class Parallel:
   def step_index(self, index: int) -> jax.Array:
     """`index` as the indexed train step takes it (`compile_train_step(indexed=True)`)."""
     return jax.device_put(np.int32(index), self.replicated)
-
-  def stack_metrics(self, metrics: list[Any]) -> Any:
-    """The metrics of steps dispatched one by one, joined as a scan's are: on a last axis
-    (every field is a scalar per step, after pmap's device axis)."""
-    return _stack_last(*metrics)
 
   def executable(self, compiled: jax.stages.Compiled) -> Callable:
     """The compiled train step (`compile_train_step(...).lower(...).compile()`) as the
@@ -289,11 +283,6 @@ class PmapParallel(Parallel):
   def host_metrics(self, metrics: Any) -> Any:
     # Gathered metrics are identical on every device; one copy is the global value.
     return jax.device_get(jax_utils.unreplicate(metrics))
-
-
-@jax.jit
-def _stack_last(*trees):
-  return jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *trees)
 
 
 def make_parallel(config, devices=None) -> Parallel:

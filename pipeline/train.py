@@ -48,14 +48,14 @@ def dispatches_steps() -> bool:
 
 
 def _host_metrics(parallel, window: list[tuple[list[int], Any]],
-                  stacked: bool) -> list[dict[str, float]]:
+                  scanned: bool) -> list[dict[str, float]]:
   """Fetches the metrics of a window of calls at once; a non-finite loss stops the run,
   naming the first step that had one."""
   window_steps = [step for steps_of_call, _ in window for step in steps_of_call]
   # One transfer per metric field, not one per field per step: the steps' fields are
-  # joined on the devices along a last axis (after pmap's leading device axis). A call of
-  # several steps (`stacked`) already has one: the scan's, after pmap's device axis.
-  join = ((lambda *xs: jnp.concatenate(xs, axis=-1)) if stacked
+  # joined on the devices along a last axis (after pmap's leading device axis). A scanned
+  # call of several steps (`scanned`) already has one: the scan's, after pmap's device axis.
+  join = ((lambda *xs: jnp.concatenate(xs, axis=-1)) if scanned
           else (lambda *xs: jnp.stack(xs, axis=-1)))
   fetched = parallel.host_metrics(jax.tree.map(join, *[m for _, m in window]))
   # Each metric's own compute() (Average: total / count) works elementwise on the joined
@@ -176,7 +176,8 @@ class Trainer:
     return self._indices[:length]
 
   def train_step(self, state: steps.TrainState, batch: Any, length: int):
-    """`length` optimizer steps on `batch` (stacked when `self.stacked`)."""
+    """`length` optimizer steps on `batch` (stacked when `self.stacked`); the metrics of
+    the call, or when `self.dispatched` a list of each step's."""
     run = self._executables[length]
     if not self.dispatched:
       return run(state, batch)
@@ -188,7 +189,7 @@ class Trainer:
       state, step_metrics = run(state, batch, index)
       self._in_flight.append(step_metrics)
       metrics.append(step_metrics)
-    return state, self.parallel.stack_metrics(metrics)
+    return state, metrics
 
   def evaluate(self, state: steps.TrainState, split: str | None = None,
                stop=None) -> dict[str, float] | None:
@@ -323,7 +324,10 @@ class TrainWindow:
 
   def push(self, metrics: Any, steps_of_call: list[int]) -> None:
     """The metrics of one call, which ran `steps_of_call`."""
-    self.pending.append((steps_of_call, metrics))
+    if self.trainer.dispatched:  # One entry per step, as calls of one step make.
+      self.pending.extend(([step], m) for step, m in zip(steps_of_call, metrics))
+    else:
+      self.pending.append((steps_of_call, metrics))
     self.timed_steps += len(steps_of_call)
     if len(self.pending) > self.IN_FLIGHT:
       jax.block_until_ready(self.pending[-self.IN_FLIGHT - 1][1])
@@ -332,7 +336,7 @@ class TrainWindow:
     """Fetches the pending steps' metrics now (a non-finite loss raises here)."""
     if self.pending:
       self.records.extend(_host_metrics(self.trainer.parallel, self.pending,
-                                        self.trainer.stacked))
+                                        self.trainer.stacked and not self.trainer.dispatched))
       self.pending = []
 
   def flush(self, upto: int) -> dict[str, float]:

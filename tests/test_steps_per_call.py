@@ -2,13 +2,12 @@
 step per call, on 1 and 8 devices and under pmap; a NaN named at its step inside a call;
 one compile per call length; a stop mid-run resumes bit-identically."""
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-
-import logging
 
 import chex
 import jax

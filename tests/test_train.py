@@ -84,7 +84,7 @@ def test_window_throughput_counts_only_the_steps_since_restart():
   config = config_lib.base_config()
   config.train.global_batch_size = 10
   trainer = types.SimpleNamespace(config=config, parallel=sharding.Parallel(config),
-                                  stacked=False)
+                                  stacked=False, dispatched=False)
   window = train.TrainWindow(trainer, goodput.Goodput(), now=lambda: now[0])
 
   def push(step):
