@@ -57,6 +57,9 @@ class SaveError(CheckpointError):
 # damaged (NOT_FOUND: a chunk is gone; DATA_LOSS: it fails its checks; OUT_OF_RANGE: it
 # is shorter than its index says). UNAVAILABLE, RESOURCE_EXHAUSTED and the rest are not.
 _UNREADABLE_STATUS = ('NOT_FOUND:', 'DATA_LOSS:', 'OUT_OF_RANGE:')
+# How tensorstore reports zstd failing on a value or a B-tree node of OCDBT: with the
+# FAILED_PRECONDITION status for a value, without a status for a node, so matched inside.
+_ZSTD_FAILED = 'ZSTD_decompressStream() failed: '
 
 
 # How much of an error's message a process offers the lead (the key-value store's
@@ -87,9 +90,10 @@ def _unreadable(error: BaseException) -> bool:
     return True  # Orbax: a whole item directory of the step is missing.
   if isinstance(error, ValueError) and str(error).startswith(_UNREADABLE_STATUS):
     return True
-  if (isinstance(error, ValueError) and str(error).startswith('FAILED_PRECONDITION:')
-      and 'Data corruption detected' in str(error)):
-    return True  # A compressed chunk that fails to decompress (zstd's own check).
+  if isinstance(error, ValueError) and _ZSTD_FAILED in str(error):
+    # A compressed value or B-tree node that fails to decode: a bad frame header ("Unknown
+    # frame descriptor"), block or checksum. Running out of memory doing so is not damage.
+    return 'Allocation error' not in str(error)
   return error.__cause__ is not None and _unreadable(error.__cause__)
 
 

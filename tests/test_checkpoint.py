@@ -335,6 +335,14 @@ def _flip_bytes(step_dir):  # Orbax/tensorstore: DATA_LOSS.
       open(path, 'wb').write(bytes(data))
 
 
+def _zero_zstd_magic(step_dir):  # tensorstore: FAILED_PRECONDITION, "Unknown frame descriptor".
+  for path in _files(step_dir):
+    if os.sep + 'd' + os.sep in path:
+      data = open(path, 'rb').read()
+      assert b'\x28\xb5\x2f\xfd' in data, path  # OCDBT compresses every value with zstd.
+      open(path, 'wb').write(data.replace(b'\x28\xb5\x2f\xfd', bytes(4)))
+
+
 def _delete_chunks(step_dir):  # Orbax/tensorstore: NOT_FOUND.
   for path in list(_files(step_dir)):
     if os.sep + 'd' + os.sep in path:
@@ -351,7 +359,7 @@ def _delete_state_item(step_dir):  # Orbax: the item "was not found in the check
   shutil.rmtree(os.path.join(step_dir, 'state'))
 
 
-@pytest.mark.parametrize('damage', [_truncate, _flip_bytes, _delete_chunks,
+@pytest.mark.parametrize('damage', [_truncate, _flip_bytes, _zero_zstd_magic, _delete_chunks,
                                     _truncate_data_json, _delete_state_item])
 def test_unreadable_newest_step_falls_back_and_is_set_aside(tmp_path, damage):
   ckpt, abstract = _two_steps(tmp_path / 'checkpoints')

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from pipeline import ledger
 from tests import workdirs
@@ -215,13 +216,8 @@ def test_a_step_only_one_process_cannot_read_is_skipped_by_both(tmp_path):
   fsdp = ['--config.fsdp=True', '--config.mesh.fsdp=8', '--config.mesh.data=1']
   _two_processes(workdir, *fsdp)
   first = _jsonl_losses(workdir)
-  shards = os.path.join(workdir, 'checkpoints', '10', 'state', 'ocdbt.process_1', 'd')
-  for name in os.listdir(shards):  # Process 1's shards of the params and Adam moments.
-    with open(os.path.join(shards, name), 'r+b') as f:
-      data = bytearray(f.read())
-      data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
-      f.seek(0)
-      f.write(data)
+  damaged = _damage_own_shards(os.path.join(workdir, 'checkpoints', '10', 'state'), 1)
+  assert len(damaged) == 12, damaged  # Shards 4-7 of the dense kernel, its mu and its nu.
 
   started = time.time()
   _two_processes(workdir, *fsdp)  # Steps 6-10 again, from step 5.
@@ -237,6 +233,38 @@ def test_a_step_only_one_process_cannot_read_is_skipped_by_both(tmp_path):
   assert [resumed[s] for s in range(6, 11)] == [first[s] for s in range(6, 11)]
   names = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert any(n.startswith('10.unreadable-') for n in names), names
+
+
+def _damage_own_shards(state_dir, process):
+  """Breaks the zstd frame of each chunk of a sharded array that `process` wrote, the
+  chunks it alone reads back; returns their keys.
+
+  Only the arrays sharded over the mesh (the dense kernel and its Adam moments, the ones of
+  >= fsdp_min_size elements) qualify: Orbax writes a replicated array in slices spread over
+  all processes' files, and every process reads all of them. Damage is aimed through
+  OCDBT's own index of where each value lies, and the frame's magic number is zeroed so
+  the read must fail. Zeroing bytes in the middle of each file did not: a CI run restored
+  them without an error (zeros in a zstd literal run decode as other numbers), and where
+  they hit a replicated array's slice, both processes failed.
+  """
+  store = ts.KvStore.open(f'file://{state_dir}/').result()
+  version = ts.ocdbt.dump(store).result()['versions'][-1]
+  assert version['root_height'] == 0, version  # One B-tree node lists every value.
+  node = ts.ocdbt.dump(store, version['root']['location']).result()
+  prefix = f'value:ocdbt.process_{process}/:'
+  damaged = []
+  for entry in node['entries']:
+    value = entry.get('indirect_value', '')
+    if not (value.startswith(prefix) and b'Dense_0.kernel/' in entry['key']):
+      continue
+    file, offset, _ = value[len(prefix):].rsplit(':', 2)
+    with open(os.path.join(state_dir, f'ocdbt.process_{process}', file), 'r+b') as f:
+      f.seek(int(offset))
+      assert f.read(4) == b'\x28\xb5\x2f\xfd', entry  # A zstd frame starts here.
+      f.seek(int(offset))
+      f.write(bytes(4))
+    damaged.append(entry['key'].decode())
+  return damaged
 
 
 def test_killing_a_peer_ends_the_survivor_naming_it(tmp_path):
