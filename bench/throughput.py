@@ -174,9 +174,6 @@ def measure(args) -> dict:
   from pipeline import train
 
   config = harness.make_config(args.model, width=args.width)
-  # Every loop here runs one step per call, as the references do; bench/peers.py measures
-  # the config's several steps per call.
-  config.train.steps_per_call = 1
   batch_size = config.train.global_batch_size
   root = tempfile.mkdtemp(prefix='bench_throughput_')
   devices = jax.device_count()

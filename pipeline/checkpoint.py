@@ -37,7 +37,7 @@ RESUMABLE_KEYS = (
     'checkpoint.device_snapshot', 'checkpoint.exit_wait_s',
     'checkpoint.allow_config_change', 'eval.batch_size', 'eval.checkpoint_step',
     'mesh.data', 'mesh.fsdp', 'mesh.dcn_data', 'parallelism', 'fsdp', 'fsdp_min_size',
-    'cpu_ynn_fusion', 'data.num_workers',
+    'data.num_workers',
     'data.prefetch_threads', 'data.device_prefetch', 'debug_nans', 'data.path', 'data.eval_path',
     'data.tfds_data_dir', 'predict.input', 'predict.output', 'predict.batch_size',
     'early_stopping.patience', 'early_stopping.min_delta', 'profile.start_step',

@@ -22,7 +22,6 @@ SCHEDULES = ('constant', 'warmup_cosine', 'piecewise')
 DTYPES = ('float32', 'bfloat16')
 LSTM_POOLINGS = ('last', 'mean', 'max')  # Over time: last real step, or over real tokens.
 PARALLELISM = ('jit', 'pmap')
-CPU_YNN_FUSION = ('auto', 'xla', 'none')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
@@ -200,12 +199,6 @@ def base_config() -> ml_collections.ConfigDict:
   # small one saves: 8 fake CPU devices, the default CNN, 2,650 examples/s with only its
   # 802k-element dense kernel sharded against 1,990 with every array sharded.
   c.fsdp_min_size = 2**16
-  # jit on CPU: which ops XLA hands to its YNNPACK library ('xla': jax's default, which
-  # fuses single dots; 'none': none, XLA compiles them itself), per compiled step.
-  # 'auto': 'none' where a process has one CPU device, 'xla' otherwise. The default CNN,
-  # its compiled step alone: one device 3,100-3,200 examples/s with 'none' against
-  # 1,760-1,920 with 'xla'; 8 fake devices 1,220-1,380 against 1,450-1,820.
-  c.cpu_ynn_fusion = 'auto'
 
   c.checkpoint = _Section(section='checkpoint')
   c.checkpoint.every_steps = 500  # Save every this many steps (and at the end).
@@ -345,7 +338,6 @@ def validate(config, *, num_devices: int, num_processes: int) -> None:
   _check_choice(config, 'optimizer.name', OPTIMIZERS)
   _check_choice(config, 'optimizer.schedule', SCHEDULES)
   _check_choice(config, 'parallelism', PARALLELISM)
-  _check_choice(config, 'cpu_ynn_fusion', CPU_YNN_FUSION)
   _check_choice(config, 'checkpoint.best_mode', ('max', 'min'))
   _check_choice(config, 'data.on_bad_record', ('error', 'skip'))
   _check_choice(config, 'early_stopping.mode', ('max', 'min'))

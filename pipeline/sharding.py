@@ -76,19 +76,6 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def _compiler_options(ynn_fusion: str, mesh: Mesh) -> dict[str, str] | None:
-  """The XLA options of the compiled steps: `config.cpu_ynn_fusion` on CPU, none elsewhere.
-
-  Per executable rather than in XLA_FLAGS: the process may compile other programs (a
-  user's, a benchmark's peers) that did not ask for them.
-  """
-  if mesh.devices.flat[0].platform != 'cpu':
-    return None
-  if ynn_fusion == 'auto':
-    ynn_fusion = 'none' if len(mesh.local_devices) == 1 else 'xla'
-  return {'xla_cpu_experimental_ynn_fusion_type': ''} if ynn_fusion == 'none' else None
-
-
 class Parallel:
   """jit over a Mesh: global arrays, explicit shardings, donated state."""
   axis_name = None  # No named device axis: XLA partitions global arrays itself.
@@ -100,11 +87,9 @@ class Parallel:
     # A stack of batches for several steps in one call: the step axis stays whole.
     self.stacked_sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
     self.replicated = NamedSharding(self.mesh, P())
-    self.compiler_options = _compiler_options(config.cpu_ynn_fusion, self.mesh)
 
   def describe(self) -> str:
-    options = f' XLA options {self.compiler_options}' if self.compiler_options else ''
-    return f'jit mesh {dict(self.mesh.shape)} fsdp={self.fsdp}{options}'
+    return f'jit mesh {dict(self.mesh.shape)} fsdp={self.fsdp}'
 
   def state_shardings(self, abstract_state: Any) -> Any:
     fsdp_size = self.mesh.shape['fsdp'] if self.fsdp else 1
@@ -143,8 +128,7 @@ class Parallel:
     batch_sharding = self.stacked_sharding if stacked else self.batch_sharding
     return jax.jit(step_fn, in_shardings=(shardings, batch_sharding)
                    + ((self.replicated,) if indexed else ()),
-                   out_shardings=(shardings, self.replicated), donate_argnums=0,
-                   compiler_options=self.compiler_options)
+                   out_shardings=(shardings, self.replicated), donate_argnums=0)
 
   def step_index(self, index: int) -> jax.Array:
     """`index` as the indexed train step takes it (`compile_train_step(indexed=True)`)."""
@@ -158,12 +142,12 @@ class Parallel:
   def compile_eval_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
-                   out_shardings=self.replicated, compiler_options=self.compiler_options)
+                   out_shardings=self.replicated)
 
   def compile_predict_step(self, step_fn: Callable, abstract_state: Any) -> Callable:
     shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding),
-                   out_shardings=self.replicated, compiler_options=self.compiler_options)
+                   out_shardings=self.replicated)
 
   def host_metrics(self, metrics: Any) -> Any:
     """Device metrics -> host numpy (an explicit transfer, allowed under the guard)."""

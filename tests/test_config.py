@@ -105,7 +105,6 @@ def _base(**overrides):
     ({'mesh.data': 3, 'mesh.fsdp': 2}, r'config.mesh=\(3, 2\).*multiply to the 8 devices'),
     ({'mesh.data': -1, 'mesh.fsdp': -1}, r'at most one of mesh.data and mesh.fsdp'),
     ({'fsdp_min_size': -1}, r'config.fsdp_min_size=-1.*must be >= 0'),
-    ({'cpu_ynn_fusion': 'off'}, r"config.cpu_ynn_fusion='off'.*auto, xla, none"),
     ({'mesh.dcn_data': 0}, r'config.mesh.dcn_data=0.*must be >= 1'),
     ({'mesh.dcn_data': 2}, r'config.mesh.dcn_data=2.*must divide .* the 1 processes'),
     ({'data.path': '/nonexistent/fmnist'}, r'data.path=.*/nonexistent/fmnist.*no such '

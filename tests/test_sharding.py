@@ -79,27 +79,6 @@ def test_fsdp_shards_the_largest_divisible_dimension_of_arrays_above_the_minimum
   assert sharding._fsdp_spec((3136, 256), 1, 0) == P()
 
 
-
-@pytest.mark.parametrize('choice, num_devices, fused', [
-    ('auto', 1, False), ('auto', 8, True), ('xla', 1, True), ('none', 8, False)])
-def test_cpu_ynn_fusion_decides_who_compiles_the_steps_dots(choice, num_devices, fused):
-  """'auto': XLA compiles the dots itself with one CPU device in the process (measured
-  faster there), and hands them to YNNPACK as jax's default does with several."""
-  parallel = sharding.Parallel(_config(cpu_ynn_fusion=choice), jax.devices()[:num_devices])
-  abstract = {'w': jax.ShapeDtypeStruct((256, 128), np.float32, sharding=parallel.replicated)}
-  step = parallel.compile_eval_step(lambda state, batch: (batch['x'] @ state['w']).sum(),
-                                    abstract)
-  text = step.lower(abstract, {'x': jax.ShapeDtypeStruct(
-      (64, 256), np.float32, sharding=parallel.batch_sharding)}).compile().as_text()
-  assert ('__ynn_fusion' in text) == fused
-  assert ('XLA options' in parallel.describe()) == (not fused)
-
-
-def test_cpu_ynn_fusion_keeps_the_losses():
-  reference, _, _ = _losses(_config(cpu_ynn_fusion='xla'), 3)
-  losses, _, _ = _losses(_config(cpu_ynn_fusion='none'), 3)
-  np.testing.assert_allclose(losses, reference, rtol=1e-5)
-
 def test_gradient_accumulation_equals_the_big_batch():
   big, _, _ = _losses(_config(**{'train.global_batch_size': 128}), 3)
   accumulated, _, _ = _losses(
